@@ -1,0 +1,1 @@
+"""Running the model: latent KV cache pools, sampling, generation."""

@@ -1,0 +1,41 @@
+"""The paged MLA latent cache: one pool per layer of ``[num_pages, page_size, kv_cache_dim]``.
+
+A token's entry is its normalised compressed kv (``kv_lora_rank``) followed by its rotated shared
+rope key (``qk_rope_head_dim``): 576 values for Kimi, 70,272 bytes per token over 61 bf16 layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimi_grpc.config import ModelConfig
+
+DEFAULT_PAGE_SIZE = 64
+
+
+class LatentKVCache:
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_pages: int,
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(
+                f"need num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}"
+            )
+        self.num_pages, self.page_size = num_pages, page_size
+        shape = (num_pages, page_size, config.kv_cache_dim)
+        self.pools = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        return config.num_hidden_layers * config.kv_cache_dim * dtype.itemsize
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)

@@ -1,0 +1,185 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3 MLA) over a paged latent cache.
+
+Per token the cache holds only ``c_kv`` (the RMS-normalised compressed kv, ``kv_lora_rank``=512)
+and the rotated shared rope key ``k_pe`` (64): 576 values, whatever the head count.
+
+* Prefill (``query_len > 1``): decompress the context's latents with ``kv_b_proj`` into per-head
+  ``k_nope``/``v`` and run causal attention of the new queries over the whole context.
+* Decode (``query_len == 1``, absorbed): fold ``W_UK`` into the query
+  (``q_lat[h] = q_nope[h] @ W_UK[h]``, 512 wide), attend directly over the cached latents with
+  ``ops.mla_decode``, then apply ``W_UV`` to the latent output. No per-head keys are materialised.
+
+Heads are split across tensor-parallel ranks (``q_b_proj``/``kv_b_proj`` column-parallel,
+``o_proj`` row-parallel); the latent projections and the cache are replicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_grpc import ops
+from kimi_grpc.checkpoint import TensorSpec
+from kimi_grpc.config import ModelConfig
+from kimi_grpc.model.forward_batch import ForwardBatch
+from kimi_grpc.model.linear import Linear
+from kimi_grpc.model.norm import RMSNorm
+from kimi_grpc.model.rope import RotaryEmbedding, apply_rope
+from kimi_grpc.parallel import ParallelContext
+
+
+class MLAttention(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        name: str,
+        ctx: ParallelContext,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        c = config
+        if c.num_attention_heads % ctx.tp_size:
+            raise ValueError(
+                f"num_attention_heads={c.num_attention_heads} is not divisible by "
+                f"tensor_parallel_size={ctx.tp_size}"
+            )
+        self.num_heads = c.num_attention_heads // ctx.tp_size  # local heads
+        self.nope_dim, self.rope_dim, self.v_dim = (
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        )
+        self.kv_lora_rank = c.kv_lora_rank
+        self.q_lora_rank = c.q_lora_rank
+        self.scale = c.softmax_scale
+        h, qk = c.hidden_size, c.qk_head_dim
+
+        def linear(proj: str, n_in: int, n_out: int, mode: str) -> Linear:
+            q = c.quantization
+            q = q if q is not None and q.is_quantized(f"{name}.{proj}") else None
+            return Linear(n_in, n_out, parallel=mode, ctx=ctx, dtype=dtype, device=device, quant=q)
+
+        heads = c.num_attention_heads
+        if c.q_lora_rank is None:
+            self.q_proj = linear("q_proj", h, heads * qk, "column")
+        else:
+            self.q_a_proj = linear("q_a_proj", h, c.q_lora_rank, "replicated")
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, dtype=dtype, device=device)
+            self.q_b_proj = linear("q_b_proj", c.q_lora_rank, heads * qk, "column")
+        self.kv_a_proj_with_mqa = linear("kv_a_proj_with_mqa", h, c.kv_cache_dim, "replicated")
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype=dtype, device=device)
+        self.kv_b_proj = linear(
+            "kv_b_proj", c.kv_lora_rank, heads * (c.qk_nope_head_dim + c.v_head_dim), "column"
+        )
+        self.o_proj = linear("o_proj", heads * c.v_head_dim, h, "row")
+
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK [H, nope, kv_lora]`` and ``W_UV [H, v, kv_lora]``: views of kv_b_proj's weight."""
+        w = self.kv_b_proj.dense_weight().view(self.num_heads, self.nope_dim + self.v_dim, -1)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        rope: RotaryEmbedding,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        # x: [N, hidden]; kv_cache: [num_pages, page_size, kv_lora + rope] -> [N, hidden]
+        n = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(n, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+        latent = self.kv_a_proj_with_mqa(x)  # [N, kv_lora + rope]
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        cos, sin = rope.cos_sin(batch.positions, x.dtype)
+        q_pe = apply_rope(q_pe, cos, sin)  # [N, H, rope]
+        k_pe = apply_rope(k_pe, cos, sin)  # [N, rope]
+        kv_cache.view(-1, kv_cache.shape[-1])[batch.slot_mapping] = torch.cat(
+            [self.kv_a_layernorm(c_kv), k_pe], dim=-1
+        ).to(kv_cache.dtype)
+
+        out = x.new_empty(n, self.num_heads, self.v_dim)
+        if batch.decode_seqs.numel():
+            out[batch.decode_tokens] = self._decode(
+                q_nope[batch.decode_tokens], q_pe[batch.decode_tokens], batch, kv_cache
+            )
+        for seq, start, length in batch.prefill_segments():
+            out[start : start + length] = self._prefill(
+                q_nope[start : start + length],
+                q_pe[start : start + length],
+                batch,
+                seq,
+                kv_cache,
+            )
+        return self.o_proj(out.view(n, -1))
+
+    def _decode(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        # q_nope: [B, H, nope], q_pe: [B, H, rope] -> [B, H, v]
+        w_uk, w_uv = self._w_uk_uv()
+        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
+        o_latent, _ = ops.mla_decode(
+            torch.cat([q_latent, q_pe], dim=-1),
+            kv_cache,
+            batch.block_tables[batch.decode_seqs],
+            batch.context_lens[batch.decode_seqs],
+            softmax_scale=self.scale,
+            kv_lora_rank=self.kv_lora_rank,
+        )
+        return torch.einsum("bhc,hvc->bhv", o_latent, w_uv)
+
+    def _prefill(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        batch: ForwardBatch,
+        seq: int,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        # q_nope: [S, H, nope], q_pe: [S, H, rope] for S new tokens -> [S, H, v]
+        length = batch.context_lens_host[seq]
+        page_size = kv_cache.shape[1]
+        pages = batch.block_tables[seq, : (length + page_size - 1) // page_size].long()
+        cached = kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:length].to(q_nope.dtype)
+        c_kv, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [L, *]
+        kv = self.kv_b_proj(c_kv).view(length, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        s = q.shape[0]
+        # Query i sits at position length - s + i and sees keys 0..length - s + i.
+        mask = torch.ones(s, length, dtype=torch.bool, device=q.device).tril(length - s)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=self.scale,
+        )
+        return o.transpose(0, 1)
+
+    def weight_specs(self, name: str) -> dict[str, TensorSpec]:
+        specs: dict[str, TensorSpec] = {}
+        for child in (
+            "q_proj",
+            "q_a_proj",
+            "q_a_layernorm",
+            "q_b_proj",
+            "kv_a_proj_with_mqa",
+            "kv_a_layernorm",
+            "kv_b_proj",
+            "o_proj",
+        ):
+            module = getattr(self, child, None)
+            if module is not None:
+                specs.update(module.weight_specs(f"{name}.{child}"))
+        return specs

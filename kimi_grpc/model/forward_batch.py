@@ -1,0 +1,91 @@
+"""What one forward step computes: a flat batch of new tokens from several sequences.
+
+Every sequence contributes ``query_len`` new tokens appended after ``context_len - query_len``
+tokens already in its paged latent cache. Sequences with one new token take the absorbed-MLA
+decode path (``ops.mla_decode`` over the block table); longer ones take the prefill path, which
+also reads any cached prefix through the block table (prefix caching, chunked prefill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [N] int64, the new tokens of all sequences, sequence after sequence
+    positions: torch.Tensor  # [N] int64, absolute position of each new token
+    slot_mapping: torch.Tensor  # [N] int64, cache slot (page * page_size + offset) of each token
+    block_tables: torch.Tensor  # [B, max_pages] int32
+    context_lens: torch.Tensor  # [B] int32, tokens in the cache after this step
+    query_lens: list[int]  # [B] new tokens per sequence (host)
+    context_lens_host: list[int]  # [B] (host)
+    decode_seqs: torch.Tensor  # [B_decode] int64 sequences with one new token
+    decode_tokens: torch.Tensor  # [B_decode] int64 their token index in the flat batch
+    logits_indices: torch.Tensor  # [B] int64 flat index of each sequence's last token
+
+    @classmethod
+    def build(
+        cls,
+        token_ids: list[list[int]],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        page_size: int,
+        device: torch.device,
+    ) -> ForwardBatch:
+        """``token_ids[b]`` are sequence b's new tokens; it holds ``context_lens[b]`` tokens after
+        the step, stored in pages ``block_tables[b]``."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        decode_seqs: list[int] = []
+        decode_tokens: list[int] = []
+        last: list[int] = []
+        rows = zip(token_ids, context_lens, block_tables, strict=True)
+        for b, (new, total, pages) in enumerate(rows):
+            n = len(new)
+            if n == 0 or n > total:
+                raise ValueError(f"sequence {b}: {n} new tokens with context length {total}")
+            if len(pages) * page_size < total:
+                raise ValueError(f"sequence {b}: {len(pages)} pages cannot hold {total} tokens")
+            if n == 1:
+                decode_seqs.append(b)
+                decode_tokens.append(len(ids))
+            for pos in range(total - n, total):
+                positions.append(pos)
+                slots.append(pages[pos // page_size] * page_size + pos % page_size)
+            ids.extend(new)
+            query_lens.append(n)
+            last.append(len(ids) - 1)
+        max_pages = max(len(p) for p in block_tables)
+        table = torch.zeros(len(block_tables), max_pages, dtype=torch.int32)
+        for b, pages in enumerate(block_tables):
+            table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+
+        def longs(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return cls(
+            input_ids=longs(ids),
+            positions=longs(positions),
+            slot_mapping=longs(slots),
+            block_tables=table.to(device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            query_lens=query_lens,
+            context_lens_host=list(context_lens),
+            decode_seqs=longs(decode_seqs),
+            decode_tokens=longs(decode_tokens),
+            logits_indices=longs(last),
+        )
+
+    def prefill_segments(self) -> list[tuple[int, int, int]]:
+        """``(sequence, first flat token, new tokens)`` for every sequence on the prefill path."""
+        segments, start = [], 0
+        for b, n in enumerate(self.query_lens):
+            if n > 1:
+                segments.append((b, start, n))
+            start += n
+        return segments

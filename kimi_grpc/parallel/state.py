@@ -1,0 +1,45 @@
+"""Which tensor-parallel rank this process is, and the collectives its layers call.
+
+Layers are written TP-aware from the start (column/row-parallel linear, vocab-parallel embedding);
+with the default ``ParallelContext()`` (world size 1) every collective is the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    tp_rank: int = 0
+    tp_size: int = 1
+    group: object | None = None  # a torch.distributed ProcessGroup when tp_size > 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank={self.tp_rank} outside tp_size={self.tp_size}")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums ``x`` over the TP ranks in place (row-parallel outputs, expert combine)."""
+        if self.tp_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenates every rank's ``x`` along the last dim (vocab-parallel logits)."""
+        if self.tp_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def shard_range(size: int, ctx: ParallelContext, what: str) -> tuple[int, int]:
+    """The ``[start, end)`` of an evenly split dimension owned by this rank."""
+    if size % ctx.tp_size:
+        raise ValueError(f"{what}={size} is not divisible by tensor_parallel_size={ctx.tp_size}")
+    per_rank = size // ctx.tp_size
+    return ctx.tp_rank * per_rank, (ctx.tp_rank + 1) * per_rank
