@@ -316,7 +316,11 @@ def parse_model_config(
     arch = architectures[0] if architectures else None
     nested = "text_config" in raw
     if nested:
-        if arch not in NESTED_ARCHITECTURES and raw.get("model_type") not in NESTED_MODEL_TYPES:
+        if arch:
+            known = arch in NESTED_ARCHITECTURES
+        else:
+            known = raw.get("model_type") in NESTED_MODEL_TYPES
+        if not known:
             raise ConfigError(
                 f"architectures {architectures!r} / model_type {raw.get('model_type')!r}: "
                 f"expected one of {NESTED_ARCHITECTURES} for a config with text_config"
