@@ -1,0 +1,40 @@
+# Two entry points (see README): `make serve` and `make test`. Both are idempotent: the virtual
+# environment is created once and re-installed only when the packaging or csrc/ changes.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kimi-grpc-installed
+NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+PROMPT ?= Kimi K2.6 serves agent swarms because
+
+.PHONY: install serve test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build of 2.13.0 is taken from the local wheel where one exists.
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet setuptools wheel pybind11 ninja
+	# No build isolation: the extension must compile against the torch installed above.
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+# The product's main job on the built-in demo model. Until the gRPC server lands this runs an
+# offline generation through the same model, checkpoint loader and tokenizer.
+serve: install
+	$(BIN)/kimi-grpc generate --prompt "$(PROMPT)" --max-tokens 32
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info kimi_grpc/_C*.so
