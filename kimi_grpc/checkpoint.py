@@ -4,9 +4,10 @@
   ``model.safetensors``);
 * every shard header is parsed and checked against the file size before any data is read, so a
   truncated shard or an index pointing at a missing file fails at load time, naming the file;
-* tensors are read shard by shard through safetensors' memory map, only those the model asks for,
-  and only the slice a tensor-parallel rank needs; each shard's mapping is dropped before the next
-  is opened, so peak memory stays near the size of the model's own tensors.
+* tensors are read through a private memory map of each shard, only those the model asks for and
+  only the slice a tensor-parallel rank needs: a loader copies from a zero-copy view, then the
+  view's pages are released (``MADV_DONTNEED``), so peak resident memory stays at the model's own
+  tensors plus the one tensor being copied — never a second copy of the checkpoint.
 
 Nothing in a checkpoint is executed: ``auto_map`` / ``*.py`` files are ignored.
 """
@@ -14,14 +15,15 @@ Nothing in a checkpoint is executed: ``auto_map`` / ``*.py`` files are ignored.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -54,14 +56,48 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int  # absolute byte offset of the data in ``file``
+    nbytes: int
+
+
+class _MappedShard:
+    """A shard mapped copy-on-write (reads never copy); tensors are zero-copy views into it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def view(self, info: TensorInfo) -> torch.Tensor:
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        return raw.view(info.dtype).view(info.shape)
+
+    def release(self, info: TensorInfo) -> None:
+        """Drops the tensor's pages from this process (the OS page cache may keep them)."""
+        start = info.offset - info.offset % mmap.PAGESIZE
+        length = info.offset + info.nbytes - start
+        if info.nbytes:
+            self._map.madvise(mmap.MADV_DONTNEED, start, length)
+
+    def close(self) -> None:
+        self._file.close()
+        # Each live view holds a reference to the map (torch.frombuffer keeps its buffer alive);
+        # beyond ours and getrefcount's own, a reference means a loader kept a view instead of
+        # copying. Unmapping then would leave that view pointing at freed memory.
+        if sys.getrefcount(self._map) > 2:
+            raise RuntimeError(f"{self.path}: a loader kept a view of the mapped checkpoint")
+        self._map.close()
 
 
 class TensorSlice:
-    """A tensor in a shard that has not been read yet; index it to read only part of it."""
+    """A checkpoint tensor handed to a loader. ``read()`` / indexing return zero-copy views of the
+    mapped file, valid only during the loader call: copy what you need into the model."""
 
-    def __init__(self, info: TensorInfo, handle: object) -> None:
+    def __init__(self, info: TensorInfo, shard: _MappedShard) -> None:
         self.info = info
-        self._handle = handle
+        self._shard = shard
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -72,10 +108,10 @@ class TensorSlice:
         return self.info.dtype
 
     def read(self) -> torch.Tensor:
-        return self._handle.get_tensor(self.info.name)  # type: ignore[attr-defined]
+        return self._shard.view(self.info)
 
     def __getitem__(self, index: object) -> torch.Tensor:
-        return self._handle.get_slice(self.info.name)[index]  # type: ignore[attr-defined]
+        return self.read()[index]
 
 
 # A loader receives the unread tensor and copies (its part of) it into the model.
@@ -119,13 +155,20 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(
                 f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')}"
             )
-        _, end = entry["data_offsets"]
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        nbytes = _numel(shape) * dtype.itemsize
         if end > data_size:
             raise CheckpointError(
                 f"{path}: tensor {name} ends at byte {end} but the shard holds only "
                 f"{data_size} data bytes (truncated file?)"
             )
-        tensors[name] = TensorInfo(name, path, tuple(entry["shape"]), dtype)
+        if end - begin != nbytes:
+            raise CheckpointError(
+                f"{path}: tensor {name} spans {end - begin} bytes; shape {list(shape)} of "
+                f"{dtype} needs {nbytes}"
+            )
+        tensors[name] = TensorInfo(name, path, shape, dtype, 8 + header_len + begin, nbytes)
     return tensors
 
 
@@ -191,13 +234,16 @@ class CheckpointReader:
             by_file.setdefault(info.file, []).append(name)
         for path, names in sorted(by_file.items()):
             try:
-                with safe_open(str(path), framework="pt") as handle:
-                    for name in names:
-                        specs[name].load(TensorSlice(self.tensors[name], handle))
-            except CheckpointError:
-                raise
-            except Exception as exc:  # safetensors raises its own error types
-                raise CheckpointError(f"{path}: failed to read tensors ({exc})") from exc
+                shard = _MappedShard(path)
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot map shard ({exc})") from None
+            try:
+                for name in names:
+                    info = self.tensors[name]
+                    specs[name].load(TensorSlice(info, shard))
+                    shard.release(info)
+            finally:
+                shard.close()
 
 
 def _numel(shape: Iterable[int]) -> int:

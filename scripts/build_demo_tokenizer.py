@@ -21,25 +21,12 @@ from pathlib import Path
 
 import regex
 
+from kimi_grpc.tokenizer import PAT_STR
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT / "scripts" / "demo_corpus.txt"
 DEFAULT_OUT = ROOT / "kimi_grpc" / "assets" / "demo_tokenizer"
 DEFAULT_NUM_BASE_TOKENS = 1792
-
-# Verbatim copy of kimi_grpc.tokenizer.PAT_STR (a test asserts they are equal); duplicated so the
-# script runs without importing the package.
-PAT_STR = "|".join(
-    [
-        r"""[\p{Han}]+""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""\p{N}{1,3}""",
-        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-        r"""\s*[\r\n]+""",
-        r"""\s+(?!\S)""",
-        r"""\s+""",
-    ]
-)
 
 # Kimi K2.6 special tokens as (offset from num_base_tokens, content, HF "special" flag);
 # real ids are 163584 + offset (docs/kimi-spec.md 3.2). Offsets 5, 8, 16, 24..253 are unnamed.

@@ -263,3 +263,18 @@ def test_resolve_hub_repo_offline_from_cache(demo_dir, tmp_path):
     ).stdout.splitlines()
     assert out[0] == out[1] == str(repo / "snapshots" / commit)
     assert out[2].startswith("ERR cannot resolve moonshotai/Kimi-K2.5@main (HF_HUB_OFFLINE")
+
+
+def test_loader_that_keeps_a_view_is_refused(demo_dir):
+    """Views are only valid during the loader call; keeping one must fail loudly, not leave a
+    dangling pointer into an unmapped file."""
+    from kimi_grpc.checkpoint import TensorSpec
+
+    reader = CheckpointReader(demo_dir)
+    kept = []
+    spec = TensorSpec(
+        reader.tensors[ATTN].shape, (torch.bfloat16,), lambda src: kept.append(src.read())
+    )
+    with pytest.raises(RuntimeError, match="kept a view"):
+        reader.load({ATTN: spec})
+    assert kept[0].float().abs().sum() > 0  # still mapped, still readable
