@@ -27,14 +27,13 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 serve: install
 	$(BIN)/kimi-grpc generate --prompt "$(PROMPT)" --max-tokens 32
 
-test: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/clang-format --dry-run --Werror $(NATIVE_SOURCES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info kimi_grpc/_C*.so

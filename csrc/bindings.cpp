@@ -7,9 +7,8 @@
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits, const at::Tensor& bias,
-                                                 int64_t top_k, int64_t n_group,
-                                                 int64_t topk_group, bool renormalize,
-                                                 double routed_scaling_factor) {
+                                                 int64_t top_k, int64_t n_group, int64_t topk_group,
+                                                 bool renormalize, double routed_scaling_factor) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 2,
               "moe_route: router_logits must be a 2-D float32 CPU tensor");
   const at::Tensor x = logits.contiguous();

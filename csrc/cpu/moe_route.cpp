@@ -56,8 +56,8 @@ void moe_route_cpu_impl(const float* logits, const float* bias, int64_t num_toke
               second = choice[e];
             }
           }
-          insert_desc(first + second, static_cast<int32_t>(g), group_val.data(),
-                      group_idx.data(), groups, topk_group);
+          insert_desc(first + second, static_cast<int32_t>(g), group_val.data(), group_idx.data(),
+                      groups, topk_group);
         }
         for (int64_t i = 0; i < groups; ++i) allowed[group_idx[i]] = 1;
       }
