@@ -62,18 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--kv-cache-memory", type=int, help="bytes for the latent KV cache")
+    gen.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
-
-
-def _resolve_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
@@ -87,54 +83,53 @@ def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from kimi_grpc import ops
-    from kimi_grpc.checkpoint import resolve_model_path
-    from kimi_grpc.checkpoint_maker import demo_checkpoint
-    from kimi_grpc.engine.generator import Generator
+    from kimi_grpc.engine.llm import LLM
     from kimi_grpc.sampling_params import SamplingParams
 
     if args.ops:
         ops.set_backend(args.ops)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available to this torch build")
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        min_p=args.min_p,
         max_tokens=args.max_tokens,
         seed=args.seed,
+        stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
-    path = resolve_model_path(args.model, args.revision) if args.model else demo_checkpoint()
     start = time.perf_counter()
-    generator = Generator.from_checkpoint(
-        path, dtype=_resolve_dtype(args.dtype, args.device), device=args.device
+    llm = LLM(
+        args.model,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        kv_cache_memory=args.kv_cache_memory,
+        max_model_len=args.max_model_len,
     )
     loaded = time.perf_counter()
-    result = generator.generate(args.prompt if args.prompt is not None else args.prompt_ids, params)
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    result = llm.generate([prompt], params)[0]
     done = time.perf_counter()
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": str(path),
-                    "prompt_token_ids": result.prompt_token_ids,
-                    "token_ids": result.token_ids,
-                    "text": result.text,
-                    "finish_reason": result.finish_reason,
-                    "load_seconds": round(loaded - start, 3),
-                    "generate_seconds": round(done - loaded, 3),
-                },
-                ensure_ascii=False,
-            )
-        )
+        record = {
+            "model": str(llm.engine.model_path),
+            "prompt_token_ids": result.prompt_token_ids,
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "num_cached_tokens": result.num_cached_tokens,
+            "load_seconds": round(loaded - start, 3),
+            "generate_seconds": round(done - loaded, 3),
+        }
+        print(json.dumps(record, ensure_ascii=False))
     else:
         print(result.text)
+        rate = len(result.token_ids) / max(done - loaded, 1e-9)
         print(
             f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}, "
-            f"{len(result.token_ids) / max(done - loaded, 1e-9):.1f} tok/s]",
+            f"{rate:.1f} tok/s]",
             file=sys.stderr,
         )
     return 0

@@ -431,3 +431,34 @@ def load_model_config(checkpoint_dir: str | Path) -> ModelConfig:
     generation_path = directory / "generation_config.json"
     generation = _read_json(generation_path) if generation_path.exists() else None
     return parse_model_config(raw, generation)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the serving engine uses the model: batching limits and the KV cache budget."""
+
+    max_num_seqs: int = 256  # sequences running at once
+    max_num_batched_tokens: int = 8192  # tokens computed per step (prefill chunks + decodes)
+    max_waiting: int = 4096  # sequences queued before requests are refused as overload
+    max_model_len: int | None = None  # context limit; default: the model's max_position_embeddings
+    page_size: int = 64
+    kv_cache_memory: int | None = None  # bytes for the latent cache (all layers)
+    kv_cache_memory_fraction: float = 0.9  # CUDA without kv_cache_memory: share of free memory
+    enable_prefix_caching: bool = True
+    seed: int = 0  # the shared generator of requests without their own seed
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "page_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ConfigError(
+                f"kv_cache_memory must be a positive byte count, got {self.kv_cache_memory}"
+            )
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ConfigError(
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
+            )

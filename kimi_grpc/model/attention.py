@@ -158,14 +158,17 @@ class MLAttention(nn.Module):
         s = q.shape[0]
         # Query i sits at position length - s + i and sees keys 0..length - s + i.
         mask = torch.ones(s, length, dtype=torch.bool, device=q.device).tril(length - s)
+        # 4-D inputs with one head dim let SDPA pick its fused (flash) kernel, which never
+        # materialises the [H, S, L] score matrix; so v is zero-padded to the q/k head dim.
+        v = F.pad(v, (0, q.shape[-1] - self.v_dim))
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
             attn_mask=mask,
             scale=self.scale,
-        )
-        return o.transpose(0, 1)
+        )[0]
+        return o.transpose(0, 1)[..., : self.v_dim]
 
     def weight_specs(self, name: str) -> dict[str, TensorSpec]:
         specs: dict[str, TensorSpec] = {}

@@ -1,0 +1,146 @@
+"""``AsyncLLM``: the engine loop on its own thread, an asyncio front streaming per-request deltas.
+
+The engine thread owns the engine: asyncio callers never touch it, they post commands (add,
+abort) to a thread-safe queue and receive deltas on their own unbounded ``asyncio.Queue``. The
+engine never waits for a consumer, so a slow stream cannot hold up another. A consumer that stops
+iterating (cancellation, client disconnect, ``break``) aborts its request, which frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kimi_grpc.engine.llm_engine import EngineStats, LLMEngine, SequenceDelta
+from kimi_grpc.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; the server must report NOT_SERVING and restart."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    remaining: int  # completions not finished yet (engine thread's count)
+
+    def put(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._stats = engine.stats()
+        self.errored: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kimi-engine", daemon=True)
+        self._thread.start()
+
+    # ---- asyncio side ---------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[SequenceDelta]:
+        """Streams the request's deltas until all ``params.n`` completions finish. Validation
+        errors are raised here, before the first delta."""
+        if self.errored is not None:
+            raise EngineDeadError(f"engine loop failed: {self.errored!r}")
+        loop = asyncio.get_running_loop()
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(loop, asyncio.Queue(), params.n)
+        accepted = loop.create_future()
+        self._commands.put(("add", request_id, prompt, params, priority, stream, accepted))
+        remaining = params.n
+        try:
+            await accepted
+            while remaining:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            if remaining:
+                self._commands.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request from any thread; its stream ends with finish_reason "abort"."""
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """A snapshot taken by the engine thread after its latest step."""
+        return self._stats
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout=30)
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                idle = not self.engine.has_unfinished_requests()
+                self._handle(self._commands.get() if idle else None)
+                while not self._commands.empty():
+                    self._handle(self._commands.get_nowait())
+                if self.engine.has_unfinished_requests():
+                    self._dispatch(self.engine.step())
+                self._stats = self.engine.stats()
+        except BaseException as exc:  # a bug or device failure: fail every stream loudly
+            logger.exception("engine loop failed")
+            self.errored = exc
+            for stream in self._streams.values():
+                stream.put(EngineDeadError(f"engine loop failed: {exc!r}"))
+            self._streams.clear()
+
+    def _handle(self, command: tuple | None) -> None:
+        if command is None or command[0] == "stop":
+            return
+        if command[0] == "abort":
+            self._dispatch(self.engine.abort_request(command[1]))
+            return
+        _, request_id, prompt, params, priority, stream, accepted = command
+        try:
+            self.engine.add_request(request_id, prompt, params, priority=priority)
+        except Exception as exc:  # validation / overload: the caller's error, not the engine's
+            stream.loop.call_soon_threadsafe(_settle, accepted, exc)
+            return
+        self._streams[request_id] = stream
+        stream.loop.call_soon_threadsafe(_settle, accepted, None)
+
+    def _dispatch(self, deltas: list[SequenceDelta]) -> None:
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
+                continue
+            stream.put(delta)
+            if delta.finished:
+                stream.remaining -= 1
+                if stream.remaining == 0:
+                    del self._streams[delta.request_id]
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,286 @@
+"""The engine step: schedule → run the model → sample → detokenize, stop, finish.
+
+Single-threaded and synchronous; ``AsyncLLM`` drives it from its own thread and ``LLM`` from a
+loop. Requests are validated when added (a clear ``ValueError``/``SamplingParamsError`` naming the
+field); after that, every sequence ends with ``stop``, ``length`` or ``abort``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kimi_grpc.config import EngineConfig
+from kimi_grpc.engine.block_manager import BlockManager
+from kimi_grpc.engine.kv_cache import LatentKVCache
+from kimi_grpc.engine.model_runner import ModelRunner
+from kimi_grpc.engine.sampler import Sampler, SamplingState, make_generator
+from kimi_grpc.engine.scheduler import Scheduler
+from kimi_grpc.engine.sequence import FinishReason, Sequence, SequenceStatus
+from kimi_grpc.engine.stop_checker import StopChecker
+from kimi_grpc.model import KimiForCausalLM
+from kimi_grpc.sampling_params import SamplingParams
+from kimi_grpc.tokenizer import IncrementalDetokenizer, KimiTokenizer
+
+CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
+
+
+@dataclass
+class SequenceDelta:
+    """What one step produced for one completion."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]  # new tokens (empty for an abort)
+    text: str  # newly emitted text (stop strings and held-back prefixes excluded)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    pages_total: int
+    pages_used: int
+    pages_cached: int
+    page_size: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(
+        self, model: KimiForCausalLM, tokenizer: KimiTokenizer, config: EngineConfig
+    ) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model_path: Path | None = None  # set by load_engine, for reporting
+        mc = model.config
+        self.max_model_len = min(
+            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
+        if tokenizer.vocab_size > mc.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {mc.vocab_size}"
+            )
+        bytes_per_page = config.page_size * LatentKVCache.bytes_per_token(mc, model.dtype)
+        num_pages = self._cache_budget() // bytes_per_page
+        if num_pages < 1:
+            raise ValueError(
+                f"the kv cache budget holds no page ({bytes_per_page} bytes); raise kv_cache_memory"
+            )
+        self.cache = LatentKVCache(
+            mc, num_pages, page_size=config.page_size, dtype=model.dtype, device=model.device
+        )
+        self.blocks = BlockManager(
+            num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_waiting=config.max_waiting,
+        )
+        self.runner = ModelRunner(model, self.cache)
+        self.sampler = Sampler()
+        self.shared_generator = make_generator(config.seed, model.device)
+        # Stop on every eos the checkpoint declares, plus <|im_end|> and [EOS] (Kimi's rule).
+        eos = list(mc.eos_token_ids)
+        eos += [
+            t for t in (tokenizer.im_end_id, tokenizer.eos_id) if t is not None and t not in eos
+        ]
+        self.eos_token_ids = frozenset(eos)
+        self.requests: dict[str, list[Sequence]] = {}
+        self._seq_ids = itertools.count()
+
+    def _cache_budget(self) -> int:
+        if self.config.kv_cache_memory is not None:
+            return self.config.kv_cache_memory
+        if self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            return int(free * self.config.kv_cache_memory_fraction)
+        return CPU_DEFAULT_KV_CACHE_BYTES
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+    ) -> list[int]:
+        """Validates and queues a request; returns its prompt token ids."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+            vocab = self.model.config.vocab_size
+            for t in prompt_ids:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise ValueError(
+                        f"prompt token id {t!r} is outside the vocabulary [0, {vocab})"
+                    )
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        params.validate_token_ids(self.model.config.vocab_size)
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}"
+            )
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"context length ({self.max_model_len})"
+            )
+        needed = self.scheduler.pages_for(len(prompt_ids) + max_tokens)
+        if needed > self.blocks.num_pages:
+            raise ValueError(
+                f"prompt + max_tokens need {needed} KV pages but the cache holds "
+                f"{self.blocks.num_pages}; lower max_tokens or raise kv_cache_memory"
+            )
+        stops = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
+        now = time.monotonic()
+        seqs = []
+        for index in range(params.n):
+            seed = params.completion_seed(index)
+            sampling = SamplingState(
+                params=params,
+                prompt_token_ids=prompt_ids,
+                output_token_ids=[],
+                stop_token_ids=stops,
+                generator=make_generator(seed, self.model.device)
+                if seed is not None
+                else self.shared_generator,
+            )
+            seqs.append(
+                Sequence(
+                    seq_id=next(self._seq_ids),
+                    request_id=request_id,
+                    index=index,
+                    prompt_token_ids=prompt_ids,
+                    params=params,
+                    max_tokens=max_tokens,
+                    sampling=sampling,
+                    detokenizer=IncrementalDetokenizer(
+                        self.tokenizer, skip_special_tokens=params.skip_special_tokens
+                    ),
+                    stop_checker=StopChecker(params.stop or [], params.include_stop_str_in_output),
+                    priority=priority,
+                    arrival=now,
+                )
+            )
+        self.scheduler.add(seqs)
+        self.requests[request_id] = seqs
+        return prompt_ids
+
+    def abort_request(self, request_id: str) -> list[SequenceDelta]:
+        """Finishes every unfinished sequence of the request now (pages freed at once)."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
+            return []
+        deltas = []
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+                deltas.append(self._delta(seq, [], ""))
+        return deltas
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            pages_total=self.blocks.num_pages,
+            pages_used=self.blocks.num_used_pages,
+            pages_cached=self.blocks.num_cached_pages,
+            page_size=self.blocks.page_size,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> list[SequenceDelta]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        logits = self.runner.execute(out.scheduled)
+        page = self.blocks.page_size
+        rows, ready = [], []
+        for row, (seq, n) in enumerate(out.scheduled):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens // page > len(seq.table.hashes):
+                self.blocks.commit(seq.table, seq.token_ids(), seq.num_computed_tokens)
+            if seq.num_computed_tokens == seq.num_tokens:
+                rows.append(row)
+                ready.append(seq)
+        if not ready:
+            return []
+        results = self.sampler.sample(logits[rows], [seq.sampling for seq in ready])
+        return [self._advance(seq, result) for seq, result in zip(ready, results, strict=True)]
+
+    def _advance(self, seq: Sequence, result) -> SequenceDelta:
+        token = result.token_id
+        seq.sampling.output_token_ids.append(token)
+        logprobs = []
+        if result.logprob is not None:
+            logprobs = [(result.logprob, result.top_logprobs or [])]
+            seq.logprobs.extend(logprobs)
+        text, reason = "", None
+        if token in seq.sampling.stop_token_ids:
+            reason, seq.stop_reason = FinishReason.STOP, token
+        else:
+            update = seq.stop_checker.push(seq.detokenizer.push(token))
+            text = update.text
+            if update.stopped:
+                reason, seq.stop_reason = FinishReason.STOP, update.stop_str
+        if reason is None and (
+            len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+                text += seq.stop_checker.push(seq.detokenizer.flush()).text
+                text += seq.stop_checker.flush()
+            self.scheduler.finish(seq, reason)
+            self._forget_if_done(seq.request_id)
+        return self._delta(seq, [token], text, logprobs)
+
+    def _forget_if_done(self, request_id: str) -> None:
+        seqs = self.requests.get(request_id)
+        if seqs is not None and all(s.is_finished for s in seqs):
+            del self.requests[request_id]
+
+    @staticmethod
+    def _delta(
+        seq: Sequence, tokens: list[int], text: str, logprobs: list | None = None
+    ) -> SequenceDelta:
+        finished = seq.status is SequenceStatus.FINISHED
+        return SequenceDelta(
+            request_id=seq.request_id,
+            index=seq.index,
+            token_ids=tokens,
+            text=text,
+            logprobs=logprobs or [],
+            finished=finished,
+            finish_reason=seq.finish_reason.value if finished else None,
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_cached_tokens=max(seq.num_cached_tokens, 0),
+        )

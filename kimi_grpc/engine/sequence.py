@@ -1,0 +1,83 @@
+"""One completion being generated: its tokens, cache pages, sampling and output state.
+
+A request with ``n > 1`` becomes ``n`` sequences sharing the prompt (and, through the prefix
+cache, its pages). State machine: WAITING → RUNNING → FINISHED, and RUNNING → WAITING only by
+preemption, which frees the pages and recomputes the prompt *and* the output so far on
+re-admission (the output continues exactly where it stopped).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kimi_grpc.engine.block_manager import PageTable
+from kimi_grpc.engine.sampler import SamplingState
+from kimi_grpc.engine.stop_checker import StopChecker
+from kimi_grpc.sampling_params import SamplingParams
+from kimi_grpc.tokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # eos / stop token id / stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # completion index within its request (0..n-1)
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved: params.max_tokens, capped by the context
+    sampling: SamplingState
+    detokenizer: IncrementalDetokenizer
+    stop_checker: StopChecker
+    priority: int = 0
+    arrival: float = 0.0
+    status: SequenceStatus = SequenceStatus.WAITING
+    table: PageTable | None = None
+    num_computed_tokens: int = 0  # tokens whose latents are in the cache
+    num_cached_tokens: int = -1  # prefix-cache hits at first admission (-1: not admitted yet)
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.sampling.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.sampling.output_token_ids)
+
+    def token_ids(self) -> list[int]:
+        """Prompt + output so far (what a re-admitted sequence recomputes)."""
+        return self.prompt_token_ids + self.sampling.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``token_ids()[start:end]`` without concatenating the whole sequence."""
+        prompt, output = self.prompt_token_ids, self.sampling.output_token_ids
+        p = len(prompt)
+        if end <= p:
+            return prompt[start:end]
+        if start >= p:
+            return output[start - p : end - p]
+        return prompt[start:] + output[: end - p]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def sort_key(self) -> tuple[int, float, int]:
+        """Waiting-queue order: priority (lower first), then arrival, then id (FCFS)."""
+        return (self.priority, self.arrival, self.seq_id)
