@@ -12,6 +12,8 @@ Layout (shared/docs/kimi-spec.md §2.4), for a Linear weight ``W [out, in]``:
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 PACK_FACTOR = 8  # int4 values per int32 word
@@ -37,15 +39,24 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return words.to(torch.int32)
 
 
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Offset-binary values ``u ∈ [0, 15]`` of int32 words ``[..., W]`` as uint8 ``[..., 8W]``."""
+    if sys.byteorder == "little":
+        # Byte j of a word holds elements 2j (low nibble) and 2j+1 (high nibble): splitting bytes
+        # touches 4x less memory than shifting whole words.
+        b = packed.contiguous().view(torch.uint8)
+        return torch.stack((b & 0xF, b >> 4), dim=-1).view(*packed.shape[:-1], -1)
+    nibbles = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF
+    return nibbles.to(torch.uint8).reshape(*packed.shape[:-1], -1)
+
+
 def unpack_int4(packed: torch.Tensor, num_columns: int) -> torch.Tensor:
     """Unpacks int32 words ``[..., W]`` into signed int8 values ``[..., num_columns]``."""
     if packed.dtype != torch.int32:
         raise TypeError(f"packed INT4 weights must be int32, got {packed.dtype}")
     if not 0 < num_columns <= packed.shape[-1] * PACK_FACTOR:
         raise ValueError(f"num_columns={num_columns} does not fit {packed.shape[-1]} packed words")
-    nibbles = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF
-    values = nibbles.reshape(*packed.shape[:-1], -1)[..., :num_columns]
-    return (values - 8).to(torch.int8)
+    return (_nibbles(packed)[..., :num_columns].to(torch.int8) - 8).to(torch.int8)
 
 
 def dequantize_int4(
@@ -53,13 +64,20 @@ def dequantize_int4(
 ) -> torch.Tensor:
     """``W [..., N, K] = q * scale`` from ``packed [..., N, K/8]`` and ``scale [..., N, K/group]``.
 
-    The product is formed in float32 (exact for bf16 scales) and then cast to ``dtype``.
+    Each product ``q * scale`` is exact in float32 (4-bit × bf16 needs 11 significand bits) and is
+    rounded once to ``dtype``.
     """
-    num_columns = scale.shape[-1] * group_size
-    q = unpack_int4(packed, num_columns).to(torch.float32)
-    q = q.reshape(*q.shape[:-1], scale.shape[-1], group_size)
-    w = q * scale.to(torch.float32).unsqueeze(-1)
-    return w.reshape(*scale.shape[:-1], num_columns).to(dtype)
+    if packed.dtype != torch.int32:
+        raise TypeError(f"packed INT4 weights must be int32, got {packed.dtype}")
+    if packed.shape[-1] * PACK_FACTOR != scale.shape[-1] * group_size:
+        raise ValueError(
+            f"{packed.shape[-1]} packed words do not match {scale.shape[-1]} groups of {group_size}"
+        )
+    # bf16 and fp32 hold every q and bf16 scale exactly; fp16 does not (range), so go via fp32.
+    work = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    q = _nibbles(packed).to(work).sub_(8).view(*scale.shape, group_size)
+    w = q.mul_(scale.to(work).unsqueeze(-1)).view(*scale.shape[:-1], -1)
+    return w.to(dtype)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

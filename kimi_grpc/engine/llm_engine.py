@@ -45,6 +45,28 @@ class SequenceDelta:
     num_cached_tokens: int = 0
 
 
+@dataclass
+class StepTimings:
+    """Wall-clock seconds spent per phase over all steps (for overhead accounting)."""
+
+    steps: int = 0
+    schedule: float = 0.0
+    prepare: float = 0.0  # building the ForwardBatch on the host
+    forward: float = 0.0  # the model
+    sample: float = 0.0  # sampling, detokenization, stop checks, bookkeeping
+
+    def add(self, **seconds: float) -> None:
+        self.steps += 1
+        for name, value in seconds.items():
+            setattr(self, name, getattr(self, name) + value)
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Host-side share of step time: everything but the model forward."""
+        host = self.schedule + self.prepare + self.sample
+        return host / max(host + self.forward, 1e-12)
+
+
 @dataclass(frozen=True)
 class EngineStats:
     running: int
@@ -99,6 +121,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
+        self.timings = StepTimings()
 
     def _cache_budget(self) -> int:
         if self.config.kv_cache_memory is not None:
@@ -217,13 +240,28 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        logits = self.runner.execute(out.scheduled)
+        t1 = time.perf_counter()
+        batch = self.runner.prepare(out.scheduled)
+        t2 = time.perf_counter()
+        logits = self.runner.forward(batch)
+        t3 = time.perf_counter()
+        try:
+            return self._sample_and_advance(out.scheduled, logits)
+        finally:
+            self.timings.add(
+                schedule=t1 - t0, prepare=t2 - t1, forward=t3 - t2, sample=time.perf_counter() - t3
+            )
+
+    def _sample_and_advance(
+        self, scheduled: list[tuple[Sequence, int]], logits: torch.Tensor
+    ) -> list[SequenceDelta]:
         page = self.blocks.page_size
         rows, ready = [], []
-        for row, (seq, n) in enumerate(out.scheduled):
+        for row, (seq, n) in enumerate(scheduled):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens // page > len(seq.table.hashes):
                 self.blocks.commit(seq.table, seq.token_ids(), seq.num_computed_tokens)

@@ -13,16 +13,18 @@ class ModelRunner:
     def __init__(self, model: KimiForCausalLM, cache: LatentKVCache) -> None:
         self.model, self.cache = model, cache
 
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Computes ``n`` new tokens for each ``(sequence, n)``; returns float32 logits
-        ``[len(scheduled), vocab]`` at each sequence's last computed token."""
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ForwardBatch:
+        """The flat batch computing ``n`` new tokens for each ``(sequence, n)``."""
         new_tokens, context_lens, tables = [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             new_tokens.append(seq.token_slice(start, start + n))
             context_lens.append(start + n)
             tables.append(seq.table.pages)
-        batch = ForwardBatch.build(
+        return ForwardBatch.build(
             new_tokens, context_lens, tables, self.cache.page_size, self.model.device
         )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """float32 logits ``[num_sequences, vocab]`` at each sequence's last computed token."""
         return self.model(batch, self.cache.pools)
