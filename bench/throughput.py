@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate runs, keep each best")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -188,10 +189,16 @@ def main() -> None:
     useful = sum(n for _, n in requests)
 
     run_engine(model, tokenizer, [([1, 2, 3], 4)], cache_bytes)  # warm-up
-    hf_s = run_transformers(hf, requests, args.hf_batch, pad)
-    eng_s, engine = run_engine(model, tokenizer, requests, cache_bytes)
-    hf1_s = run_transformers(hf, single, 1, pad)
-    eng1_s, _ = run_engine(model, tokenizer, single, cache_bytes)
+    # This VM's speed drifts by up to 2x between minutes, so the two systems alternate and each
+    # keeps its best of --repeat runs.
+    hf_s = eng_s = hf1_s = eng1_s = float("inf")
+    for _ in range(args.repeat):
+        hf_s = min(hf_s, run_transformers(hf, requests, args.hf_batch, pad))
+        seconds, run = run_engine(model, tokenizer, requests, cache_bytes)
+        if seconds < eng_s:
+            eng_s, engine = seconds, run
+        hf1_s = min(hf1_s, run_transformers(hf, single, 1, pad))
+        eng1_s = min(eng1_s, run_engine(model, tokenizer, single, cache_bytes)[0])
     t = engine.timings
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
