@@ -207,9 +207,6 @@ class CheckpointReader:
                         f"the index maps tensor {name} to {file_name}, which does not contain it"
                     )
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
     @property
     def total_bytes(self) -> int:
         return sum(info.dtype.itemsize * _numel(info.shape) for info in self.tensors.values())

@@ -111,8 +111,8 @@ class LLMEngine:
             max_waiting=config.max_waiting,
         )
         self.runner = ModelRunner(model, self.cache)
-        self.sampler = Sampler()
-        self.shared_generator = make_generator(config.seed, model.device)
+        # Requests without a seed share one engine-wide stream.
+        self.sampler = Sampler(make_generator(config.seed, model.device))
         # Stop on every eos the checkpoint declares, plus <|im_end|> and [EOS] (Kimi's rule).
         eos = list(mc.eos_token_ids)
         eos += [
@@ -175,21 +175,15 @@ class LLMEngine:
                 f"prompt + max_tokens need {needed} KV pages but the cache holds "
                 f"{self.blocks.num_pages}; lower max_tokens or raise kv_cache_memory"
             )
-        stops = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else self.eos_token_ids
-        )
         now = time.monotonic()
         seqs = []
         for index in range(params.n):
-            seed = params.completion_seed(index)
-            sampling = SamplingState(
-                params=params,
-                prompt_token_ids=prompt_ids,
-                output_token_ids=[],
-                stop_token_ids=stops,
-                generator=make_generator(seed, self.model.device)
-                if seed is not None
-                else self.shared_generator,
+            sampling = SamplingState.create(
+                params,
+                prompt_ids,
+                self.eos_token_ids,
+                self.model.device,
+                seed=params.completion_seed(index),
             )
             seqs.append(
                 Sequence(
@@ -279,7 +273,6 @@ class LLMEngine:
         logprobs = []
         if result.logprob is not None:
             logprobs = [(result.logprob, result.top_logprobs or [])]
-            seq.logprobs.extend(logprobs)
         text, reason = "", None
         if token in seq.sampling.stop_token_ids:
             reason, seq.stop_reason = FinishReason.STOP, token

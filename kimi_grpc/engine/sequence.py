@@ -9,7 +9,7 @@ re-admission (the output continues exactly where it stopped).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kimi_grpc.engine.block_manager import PageTable
 from kimi_grpc.engine.sampler import SamplingState
@@ -50,7 +50,6 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def output_token_ids(self) -> list[int]:
