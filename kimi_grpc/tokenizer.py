@@ -148,7 +148,10 @@ class KimiTokenizer:
         end = nb + NUM_RESERVED_SPECIAL_TOKENS
         added = dict(added_tokens or {})
         special: dict[str, int] = {}
+        reserved = set()  # unnamed slots: never text, so skip_special_tokens drops them too
         for tid in range(nb, end):
+            if tid not in added:
+                reserved.add(tid)
             tok_name = added.pop(tid, (f"<|reserved_token_{tid}|>", False))[0]
             if tok_name in special:
                 raise ValueError(f"{source}: duplicate special token name {tok_name!r} ({tid})")
@@ -171,6 +174,7 @@ class KimiTokenizer:
         skip = {tid for tid, (_, flag) in (added_tokens or {}).items() if flag}
         skip.update(i for i in ids.values() if i is not None)
         skip.update(special[t] for t in extra)
+        skip.update(reserved)
         self._skip_ids = frozenset(skip)
         self._special = special
         self._enc = tiktoken.Encoding(
@@ -236,7 +240,8 @@ class KimiTokenizer:
 
     @property
     def skipped_special_ids(self) -> frozenset[int]:
-        """Ids removed by ``skip_special_tokens=True``."""
+        """Ids removed by ``skip_special_tokens=True``: tokens flagged "special", the
+        bos/eos/pad/unk roles, additional_special_tokens and the unnamed reserved slots."""
         return self._skip_ids
 
     @property

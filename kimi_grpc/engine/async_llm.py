@@ -102,7 +102,6 @@ class AsyncLLM:
                     self._handle(self._commands.get_nowait())
                 if self.engine.has_unfinished_requests():
                     self._dispatch(self.engine.step())
-                self._stats = self.engine.stats()
         except BaseException as exc:  # a bug or device failure: fail every stream loudly
             logger.exception("engine loop failed")
             self.errored = exc
@@ -126,6 +125,8 @@ class AsyncLLM:
         stream.loop.call_soon_threadsafe(_settle, accepted, None)
 
     def _dispatch(self, deltas: list[SequenceDelta]) -> None:
+        # Stats first: a client that sees its final delta then reads stats sees its pages freed.
+        self._stats = self.engine.stats()
         for delta in deltas:
             stream = self._streams.get(delta.request_id)
             if stream is None:

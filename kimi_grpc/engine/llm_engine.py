@@ -29,6 +29,18 @@ from kimi_grpc.tokenizer import IncrementalDetokenizer, KimiTokenizer
 CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
 
 
+class RequestError(ValueError):
+    """A request the engine refuses; ``field`` names what is wrong ("prompt", "max_tokens", ...)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class DuplicateRequestError(RequestError):
+    """The request id is already in flight (gRPC ALREADY_EXISTS)."""
+
+
 @dataclass
 class SequenceDelta:
     """What one step produced for one completion."""
@@ -43,6 +55,7 @@ class SequenceDelta:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from add_request to first scheduling
 
 
 @dataclass
@@ -142,9 +155,11 @@ class LLMEngine:
     ) -> list[int]:
         """Validates and queues a request; returns its prompt token ids."""
         if not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
+            raise RequestError("request_id", "request_id must be a non-empty string")
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
+            raise DuplicateRequestError(
+                "request_id", f"request_id {request_id!r} is already in flight"
+            )
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer.encode(prompt)
         else:
@@ -152,28 +167,31 @@ class LLMEngine:
             vocab = self.model.config.vocab_size
             for t in prompt_ids:
                 if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                    raise ValueError(
-                        f"prompt token id {t!r} is outside the vocabulary [0, {vocab})"
+                    raise RequestError(
+                        "prompt", f"prompt token id {t!r} is outside the vocabulary [0, {vocab})"
                     )
         if not prompt_ids:
-            raise ValueError("prompt is empty")
+            raise RequestError("prompt", "prompt is empty")
         params.validate_token_ids(self.model.config.vocab_size)
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}"
+            raise RequestError(
+                "prompt",
+                f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}",
             )
         max_tokens = room if params.max_tokens is None else params.max_tokens
         if max_tokens > room:
-            raise ValueError(
+            raise RequestError(
+                "max_tokens",
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"context length ({self.max_model_len})"
+                f"context length ({self.max_model_len})",
             )
         needed = self.scheduler.pages_for(len(prompt_ids) + max_tokens)
         if needed > self.blocks.num_pages:
-            raise ValueError(
+            raise RequestError(
+                "max_tokens",
                 f"prompt + max_tokens need {needed} KV pages but the cache holds "
-                f"{self.blocks.num_pages}; lower max_tokens or raise kv_cache_memory"
+                f"{self.blocks.num_pages}; lower max_tokens or raise kv_cache_memory",
             )
         now = time.monotonic()
         seqs = []
@@ -314,4 +332,5 @@ class LLMEngine:
             stop_reason=seq.stop_reason,
             num_prompt_tokens=len(seq.prompt_token_ids),
             num_cached_tokens=max(seq.num_cached_tokens, 0),
+            queue_time=None if seq.first_scheduled < 0 else seq.first_scheduled - seq.arrival,
         )

@@ -12,6 +12,7 @@ reuses cached pages for the longest matching prefix. Pure CPU state: no tensors,
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from kimi_grpc.engine.block_manager import BlockManager
@@ -98,6 +99,7 @@ class Scheduler:
             seq.num_computed_tokens = table.num_cached_tokens
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = table.num_cached_tokens
+                seq.first_scheduled = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(len(tokens) - seq.num_computed_tokens, budget)

@@ -47,6 +47,7 @@ class Sequence:
     table: PageTable | None = None
     num_computed_tokens: int = 0  # tokens whose latents are in the cache
     num_cached_tokens: int = -1  # prefix-cache hits at first admission (-1: not admitted yet)
+    first_scheduled: float = -1.0  # time.monotonic() at first admission (-1: not yet)
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
