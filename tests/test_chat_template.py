@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from kimi_grpc.chat import BUNDLED_TEMPLATE_PATH as TEMPLATE_PATH
+from kimi_grpc.chat import make_jinja_environment
 from kimi_grpc.tokenizer import KimiTokenizer, demo_tokenizer_dir
-
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "kimi_grpc" / "assets" / "chat_template.jinja"
 
 GEN = "<|im_assistant|>assistant<|im_middle|>"
 TOOLS = [
@@ -35,26 +32,10 @@ TOOLS_JSON = (
 )
 
 
-def tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    """Same signature and behaviour as transformers' chat-template ``tojson``."""
-    return json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
 @pytest.fixture(scope="module")
 def template() -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = tojson
-    return env.from_string(TEMPLATE_PATH.read_text(encoding="utf-8"))
+    # The one transformers-compatible environment, shared with the server's ChatRenderer.
+    return make_jinja_environment().from_string(TEMPLATE_PATH.read_text(encoding="utf-8"))
 
 
 def call(idx: int, name: str, args: Any) -> dict[str, Any]:
