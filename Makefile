@@ -6,7 +6,8 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kimi-grpc-installed
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
-PROMPT ?= Kimi K2.6 serves agent swarms because
+HOST ?= 127.0.0.1
+PORT ?= 50051
 
 .PHONY: install serve test lint clean
 
@@ -22,10 +23,9 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
-# The product's main job on the built-in demo model. Until the gRPC server lands this runs an
-# offline generation through the same model, checkpoint loader and tokenizer.
+# The product: the gRPC server on the built-in demo model (Ctrl-C / SIGTERM drains and stops).
 serve: install
-	$(BIN)/kimi-grpc generate --prompt "$(PROMPT)" --max-tokens 32
+	$(BIN)/kimi-grpc serve --host $(HOST) --port $(PORT)
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,5 @@
-"""``kimi-grpc`` command line: make-checkpoint, generate."""
+"""``kimi-grpc`` command line: serve, generate (offline or --target), chat, agent,
+make-checkpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from kimi_grpc import cli_remote
 from kimi_grpc.checkpoint import CheckpointError
 from kimi_grpc.config import ConfigError
 
@@ -53,8 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--max-shard-size", type=int, default=2 * 1024**3, help="bytes per shard")
 
-    gen = sub.add_parser("generate", help="offline generation from a prompt")
+    _add_serve_parser(sub)
+
+    gen = sub.add_parser(
+        "generate", help="generate from a prompt: offline (--model) or on a server (--target)"
+    )
     _add_model_args(gen)
+    cli_remote.add_target_args(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (special-token strings stay plain text)")
     prompt.add_argument("--prompt-ids", type=_parse_ids, help="comma-separated token ids")
@@ -68,8 +75,57 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--kv-cache-memory", type=int, help="bytes for the latent KV cache")
     gen.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--json", action="store_true", help="print JSON (lines when streaming)")
+
+    for name, help_text in (
+        ("chat", "interactive chat with a server (/mode instant|thinking, /reset, /exit)"),
+        ("agent", "run a tool loop against a server's AgentStep with local command tools"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        cli_remote.add_target_args(p)
+        p.add_argument("--mode", choices=("instant", "thinking", "agent"), default="thinking")
+        p.add_argument("--system", help="system prompt")
+        p.add_argument("--thinking-budget", type=int, help="reasoning tokens before </think>")
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--max-tokens", type=int)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--hide-reasoning", action="store_true")
+        if name == "agent":
+            p.add_argument("--tools", required=True, help="JSON list of tools with commands")
+            p.add_argument("--task", required=True, help="the user's request")
+            p.add_argument("--max-steps", type=int, default=16)
+            p.add_argument(
+                "--tool-choice", help="first step only: auto | none | required | a tool name"
+            )
+            p.add_argument("--json", action="store_true", help="one JSON line per step")
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="start the gRPC server")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    srv.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    srv.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=256,
+        help="sequences allowed to wait beyond --max-num-seqs; then RESOURCE_EXHAUSTED",
+    )
+    srv.add_argument("--max-num-seqs", type=int, help="sequences running at once (default 256)")
+    srv.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
+    srv.add_argument("--kv-cache-memory", type=int, help="bytes for the latent KV cache")
+    srv.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    srv.add_argument("--no-prefix-caching", action="store_true")
+    srv.add_argument("--api-key-file", help="file of accepted bearer tokens, one per line")
+    srv.add_argument("--tls-cert", help="PEM certificate chain")
+    srv.add_argument("--tls-key", help="PEM private key")
+    srv.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds after SIGTERM")
+    srv.add_argument("--max-message-mb", type=int, default=16, help="request size limit")
+    srv.add_argument("--no-reflection", action="store_true", help="disable server reflection")
+    srv.add_argument("--log-level", default="INFO")
 
 
 def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
@@ -82,7 +138,58 @@ def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from kimi_grpc import ops
+    from kimi_grpc.server.app import MIB, ServerConfig, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.ops:
+        ops.set_backend(args.ops)
+    engine_args = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "kv_cache_memory": args.kv_cache_memory,
+        "max_model_len": args.max_model_len,
+    }
+    engine_args = {k: v for k, v in engine_args.items() if v is not None}
+    if args.no_prefix_caching:
+        engine_args["enable_prefix_caching"] = False
+    if args.max_queued_requests < 0:
+        raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    if args.max_queued_requests > 0:
+        # The engine queue must hold every admitted sequence; admission is counted in the server.
+        engine_args["max_waiting"] = args.max_queued_requests + (args.max_num_seqs or 256)
+    config = ServerConfig(
+        model=args.model,
+        revision=args.revision,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        max_queued_requests=args.max_queued_requests,
+        api_key_file=args.api_key_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        metrics_port=args.metrics_port,
+        drain_timeout=args.drain_timeout,
+        max_message_bytes=args.max_message_mb * MIB,
+        reflection=not args.no_reflection,
+        engine_args=engine_args,
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.target:
+        if args.model:
+            raise ValueError("give --model (offline) or --target (a server), not both")
+        return cli_remote.cmd_generate(args)
     from kimi_grpc import ops
     from kimi_grpc.engine.llm import LLM
     from kimi_grpc.sampling_params import SamplingParams
@@ -135,7 +242,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"make-checkpoint": _cmd_make_checkpoint, "generate": _cmd_generate}
+COMMANDS = {
+    "make-checkpoint": _cmd_make_checkpoint,
+    "serve": _cmd_serve,
+    "generate": _cmd_generate,
+    "chat": lambda args: cli_remote.cmd_chat(_require_target(args)),
+    "agent": lambda args: cli_remote.cmd_agent(_require_target(args)),
+}
+
+
+def _require_target(args: argparse.Namespace) -> argparse.Namespace:
+    if not args.target:
+        raise ValueError(f"{args.command} needs --target HOST:PORT of a running server")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,342 @@
+"""One AgentStep: render the chat, generate the assistant turn, parse it as it streams.
+
+Modes map onto the K2.6 template's ``thinking`` switch: INSTANT renders ``<think></think>`` (no
+reasoning); THINKING and AGENT leave the prompt inside ``<think>``. Two things the model cannot be
+trusted to do by itself are enforced by *phases*: the step stops the engine request at a token
+boundary, appends forced tokens, and continues with a new engine request on prompt + everything
+so far (the prefix cache makes the continuation's prefill nearly free):
+
+- thinking budget: after ``thinking_budget`` reasoning tokens without ``</think>``, force it;
+- tool_choice REQUIRED / a named function: when reasoning ends (or at once in INSTANT mode), force
+  ``<|tool_calls_section_begin|><|tool_call_begin|>`` so the turn calls a tool (for a named
+  function also ``functions.NAME:N<|tool_call_argument_begin|>``).
+
+tool_choice NONE biases the two tool-opening tokens to -100. The parser sees the forced text like
+any other output, so deltas, the final message and a later re-render all agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import grpc
+
+from kimi_grpc.chat import ChatError, RenderedChat
+from kimi_grpc.parsers import StreamDelta, StreamParser
+from kimi_grpc.proto import inference_pb2 as pb
+from kimi_grpc.server import convert
+from kimi_grpc.server.errors import ServiceError, engine_errors, invalid
+from kimi_grpc.server.metrics import ServerMetrics
+from kimi_grpc.server.runtime import Call, LoadedModel
+
+# Kimi's recommended sampling per mode (kimi-spec.md 6.1).
+MODE_DEFAULTS: dict[int, dict[str, float]] = {
+    pb.MODE_INSTANT: {"temperature": 0.6, "top_p": 0.95},
+    pb.MODE_THINKING: {"temperature": 1.0, "top_p": 0.95},
+    pb.MODE_AGENT: {"temperature": 1.0, "top_p": 0.95},
+}
+THINK_END = "</think>"
+SECTION_BEGIN = "<|tool_calls_section_begin|>"
+CALL_BEGIN = "<|tool_call_begin|>"
+ARGUMENT_BEGIN = "<|tool_call_argument_begin|>"
+TOOL_SUPPRESSION_BIAS = -100.0
+
+
+def _special_ids(model: LoadedModel, *names: str) -> list[int]:
+    ids = [model.tokenizer.token_id(name) for name in names]
+    missing = [n for n, i in zip(names, ids, strict=True) if i is None]
+    if missing:
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"this model's tokenizer lacks {', '.join(missing)}; AgentStep needs Kimi's tokens",
+        )
+    return ids  # type: ignore[return-value]
+
+
+def thinking_switches(
+    mode: int, preserve: bool, kwargs_json: str, field: str
+) -> tuple[int, bool, dict[str, Any]]:
+    """(mode, preserve_thinking, other template kwargs). ``mode`` is the canonical switch; the
+    vLLM/SGLang-style ``chat_template_kwargs`` ``{"thinking": bool}`` (or ``enable_thinking``) and
+    ``{"preserve_thinking": bool}`` are accepted too, as long as they do not contradict ``mode``."""
+    kwargs = convert.template_kwargs(kwargs_json, field)
+    for key in ("thinking", "enable_thinking"):
+        if key not in kwargs:
+            continue
+        value = kwargs.pop(key)
+        if not isinstance(value, bool):
+            raise invalid(f"{field}.{key}", "must be true or false")
+        implied = pb.MODE_THINKING if value else pb.MODE_INSTANT
+        if mode == pb.MODE_UNSPECIFIED:
+            mode = implied
+        elif (mode != pb.MODE_INSTANT) != value:
+            raise invalid(f"{field}.{key}", f"contradicts mode {pb.Mode.Name(mode)}")
+    if "preserve_thinking" in kwargs:
+        value = kwargs.pop("preserve_thinking")
+        if not isinstance(value, bool):
+            raise invalid(f"{field}.preserve_thinking", "must be true or false")
+        preserve = preserve or value
+    if mode not in MODE_DEFAULTS and mode != pb.MODE_UNSPECIFIED:
+        raise invalid("mode", f"unknown mode {mode}")
+    return mode or pb.MODE_THINKING, preserve, kwargs
+
+
+def _render(model: LoadedModel, prefix: str, messages: list, tools: list, **kwargs: Any):
+    """ChatRenderer.render with its ChatError fields named as request fields."""
+    try:
+        return model.chat.render(messages, tools=tools or None, **kwargs)
+    except ChatError as exc:
+        field = exc.field.replace("chat_template_kwargs", "chat_template_kwargs_json")
+        raise invalid(prefix + field, exc.message) from None
+
+
+class AgentStep:
+    """Validated request state for one step; ``render`` then ``run``."""
+
+    def __init__(
+        self, model: LoadedModel, request: pb.AgentStepRequest, metrics: ServerMetrics | None
+    ) -> None:
+        self.model, self.request, self.metrics = model, request, metrics
+        mode, self.preserve_thinking, self.template_kwargs = thinking_switches(
+            request.mode,
+            request.preserve_thinking,
+            request.chat_template_kwargs_json,
+            "chat_template_kwargs_json",
+        )
+        self.mode = mode
+        self.thinking = mode != pb.MODE_INSTANT
+        self.tools = convert.tools(request.tools)
+        if mode == pb.MODE_AGENT and not self.tools:
+            raise invalid("tools", "AGENT mode needs at least one declared tool")
+        self.messages = convert.messages(request.messages)
+        self.forced_name = self._tool_choice()
+        budget = request.thinking_budget if request.HasField("thinking_budget") else None
+        if budget is not None and budget < 0:
+            raise invalid("thinking_budget", f"must be >= 0, got {budget}")
+        self.budget = budget if self.thinking else None
+
+        think_end, section, call, argument = _special_ids(
+            model, THINK_END, SECTION_BEGIN, CALL_BEGIN, ARGUMENT_BEGIN
+        )
+        self.think_end_id, self.section_id, self.call_id = think_end, section, call
+        self.argument_id = argument
+        self.reasoning_end_ids = frozenset((think_end, section, call))
+        if request.sampling.HasField("n") and request.sampling.n != 1:
+            raise invalid("sampling.n", "AgentStep produces one assistant turn; n must be 1")
+        if request.sampling.HasField("logprobs"):
+            raise invalid("sampling.logprobs", "is not available in AgentStep; use Generate")
+        # Skipping special tokens drops control tokens (<|im_end|>, reserved slots) but keeps the
+        # tool markers and think tags (Kimi flags them "special": false), which the parser reads.
+        overrides: dict[str, Any] = {"skip_special_tokens": True}
+        if self.tool_choice_mode == pb.TOOL_CHOICE_MODE_NONE:
+            bias = dict(request.sampling.logit_bias)
+            bias[section] = bias[call] = TOOL_SUPPRESSION_BIAS
+            overrides["logit_bias"] = bias
+        self.params = convert.sampling_params(request.sampling, MODE_DEFAULTS[mode], **overrides)
+
+    def _tool_choice(self) -> str | None:
+        """Sets ``tool_choice_mode``; returns the forced function name, if any."""
+        choice = self.request.tool_choice
+        names = [t["function"]["name"] for t in self.tools]
+        which = choice.WhichOneof("choice")
+        self.tool_choice_mode = pb.TOOL_CHOICE_MODE_AUTO
+        if which == "function_name":
+            if choice.function_name not in names:
+                raise invalid(
+                    "tool_choice.function_name",
+                    f"{choice.function_name!r} is not a declared tool (declared: {names})",
+                )
+            self.tool_choice_mode = pb.TOOL_CHOICE_MODE_REQUIRED
+            return choice.function_name
+        if which == "mode" and choice.mode != pb.TOOL_CHOICE_MODE_UNSPECIFIED:
+            if choice.mode not in pb.ToolChoiceMode.values():
+                raise invalid("tool_choice.mode", f"unknown value {choice.mode}")
+            self.tool_choice_mode = choice.mode
+        if self.tool_choice_mode == pb.TOOL_CHOICE_MODE_REQUIRED and not names:
+            raise invalid("tool_choice", "REQUIRED needs at least one declared tool")
+        return None
+
+    @staticmethod
+    def render_chat(model: LoadedModel, chat: pb.ChatInput, field: str) -> RenderedChat:
+        """Renders a ``ChatInput`` (Tokenize) with the same rules as AgentStep."""
+        mode, preserve, kwargs = thinking_switches(
+            chat.mode,
+            chat.preserve_thinking,
+            chat.chat_template_kwargs_json,
+            f"{field}.chat_template_kwargs_json",
+        )
+        add_generation_prompt = True
+        if chat.HasField("add_generation_prompt"):
+            add_generation_prompt = chat.add_generation_prompt
+        return _render(
+            model,
+            f"{field}.",
+            convert.messages(chat.messages, f"{field}.messages"),
+            convert.tools(chat.tools, f"{field}.tools"),
+            add_generation_prompt=add_generation_prompt,
+            thinking=mode != pb.MODE_INSTANT,
+            preserve_thinking=preserve,
+            template_kwargs=kwargs,
+        )
+
+    def render(self) -> RenderedChat:
+        return _render(
+            self.model,
+            "",
+            self.messages,
+            self.tools,
+            thinking=self.thinking,
+            preserve_thinking=self.preserve_thinking,
+            template_kwargs=self.template_kwargs,
+        )
+
+    def _forced_tool_ids(self, first_call_index: int) -> tuple[list[int], str]:
+        ids, text = [self.section_id, self.call_id], SECTION_BEGIN + CALL_BEGIN
+        if self.forced_name is not None:
+            call_id = f"functions.{self.forced_name}:{first_call_index}"
+            ids += [*self.model.tokenizer.encode(call_id), self.argument_id]
+            text += call_id + ARGUMENT_BEGIN
+        return ids, text
+
+    async def run(
+        self, request_id: str, rendered: RenderedChat, call: Call, clock: Any
+    ) -> AsyncIterator[pb.AgentStepResponse]:
+        tokenizer, llm = self.model.tokenizer, self.model.llm
+        first_call_index = rendered.num_tool_calls  # ids continue the conversation's count
+        parser = StreamParser(
+            thinking=self.thinking, tools=self.tools, first_call_index=first_call_index
+        )
+        prompt = rendered.token_ids
+        generated: list[int] = []  # every completion token, forced ones included
+        pending: list[int] = []  # token ids not yet attached to a sent delta
+        reasoning_open, reasoning_tokens = self.thinking, 0
+        must_call = self.tool_choice_mode == pb.TOOL_CHOICE_MODE_REQUIRED
+        cached, admitted = 0, False
+        finish_reason: str | None = None
+
+        def respond(out: StreamDelta) -> pb.AgentStepResponse | None:
+            if not (out.reasoning or out.content or out.tool_calls):
+                return None
+            delta = pb.AgentStepDelta(
+                reasoning=out.reasoning,
+                content=out.content,
+                tool_calls=[
+                    pb.ToolCallDelta(
+                        index=d.index, id=d.id or "", name=d.name or "", arguments=d.arguments
+                    )
+                    for d in out.tool_calls
+                ],
+                token_ids=pending,
+            )
+            pending.clear()
+            return pb.AgentStepResponse(delta=delta)
+
+        def force(ids: list[int], text: str) -> pb.AgentStepResponse | None:
+            generated.extend(ids)
+            pending.extend(ids)
+            return respond(parser.feed(text))
+
+        if must_call and not self.thinking:  # INSTANT: the turn opens with the tool call
+            if (r := force(*self._forced_tool_ids(first_call_index))) is not None:
+                yield r
+            must_call = False
+
+        while finish_reason is None:
+            if call.aborted:
+                finish_reason = "abort"
+                break
+            if reasoning_open and self.budget is not None and reasoning_tokens >= self.budget:
+                reasoning_open = False  # budget spent (or 0): close reasoning before generating
+                if (r := force([self.think_end_id], THINK_END)) is not None:
+                    yield r
+                if must_call:
+                    must_call = False
+                    if (r := force(*self._forced_tool_ids(first_call_index))) is not None:
+                        yield r
+            params = self.params
+            if params.max_tokens is not None:
+                left = params.max_tokens - len(generated)
+                if left < 1:
+                    finish_reason = "length"
+                    break
+                params = replace(params, max_tokens=left)
+            phase_start, emitted = len(generated), ""
+            cut: str | None = None
+            stream = llm.generate(prompt + generated, params, request_id=request_id)
+            try:
+                async for delta in engine_errors(stream, {"prompt": "messages"}):
+                    if not admitted:
+                        admitted, cached = True, delta.num_cached_tokens
+                        if self.metrics:
+                            self.metrics.record_prompt(delta.num_prompt_tokens, cached)
+                    clock.tokens(len(delta.token_ids))
+                    text = delta.text
+                    for token in list(delta.token_ids):
+                        if reasoning_open and token in self.reasoning_end_ids:
+                            reasoning_open = False
+                            if must_call and (token == self.think_end_id or self.forced_name):
+                                cut = "tool"  # reasoning is over: force the call next
+                                if token != self.think_end_id:  # drop the model's own opener
+                                    text = text.removesuffix(tokenizer.decode([token]))
+                                    delta.token_ids.remove(token)
+                        elif reasoning_open:
+                            reasoning_tokens += 1
+                    generated.extend(delta.token_ids)
+                    pending.extend(delta.token_ids)
+                    emitted += text
+                    if (r := respond(parser.feed(text))) is not None:
+                        yield r
+                    budget = self.budget
+                    if cut is None and reasoning_open and budget is not None:
+                        cut = "budget" if reasoning_tokens >= budget else None
+                    if delta.finished:  # eos, stop, max_tokens or abort end the turn as they are
+                        finish_reason, cut = delta.finish_reason, None
+                    if cut is not None:
+                        break
+            finally:
+                await stream.aclose()
+            if cut is None:
+                continue  # the engine finished the turn
+            # Text the engine held back (a partial character or stop-string prefix) is flushed
+            # before the forced tokens so the reasoning stays exactly what was generated.
+            full = tokenizer.decode(generated[phase_start:], skip_special_tokens=True)
+            held = full[len(emitted) :] if full.startswith(emitted) else ""
+            if held and (r := respond(parser.feed(held))) is not None:
+                yield r
+            if cut == "tool":  # (a budget cut is handled at the top of the loop)
+                must_call = False
+                if (r := force(*self._forced_tool_ids(first_call_index))) is not None:
+                    yield r
+
+        final = parser.finish()
+        if (r := respond(final)) is not None:
+            yield r
+        result = parser.result
+        if finish_reason == "stop" and result.tool_calls:
+            finish_reason = "tool_calls"
+        if self.metrics:
+            self.metrics.finished.labels("AgentStep", finish_reason).inc()
+        message = pb.ChatMessage(
+            role=pb.ROLE_ASSISTANT,
+            tool_calls=[
+                pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in result.tool_calls
+            ],
+        )
+        if result.content or not result.tool_calls:
+            message.content = result.content
+        if result.reasoning or self.thinking:
+            message.reasoning_content = result.reasoning
+        if pending:
+            yield pb.AgentStepResponse(delta=pb.AgentStepDelta(token_ids=pending))
+        yield pb.AgentStepResponse(
+            final=pb.AgentStepFinal(
+                request_id=request_id,
+                message=message,
+                finish_reason=convert.FINISH_REASONS[finish_reason],
+                usage=convert.usage(len(prompt), len(generated), cached, reasoning_tokens),
+                timings=clock.timings(),
+                parse_errors=result.errors,
+            )
+        )

@@ -1,0 +1,179 @@
+"""``kimi-grpc serve``: start listening at once, load and warm the model, serve, drain on SIGTERM.
+
+Lifecycle and what health reports (``grpc.health.v1``, service "" and "kimi.v1.InferenceService"):
+  listening, loading weights   NOT_SERVING   (inference RPCs: UNAVAILABLE "still loading")
+  warm-up generation passed    SERVING
+  SIGTERM / SIGINT             NOT_SERVING at once; new calls UNAVAILABLE; in-flight streams run
+                               to completion for up to ``drain_timeout`` s, then are aborted;
+                               the process exits 0.
+  engine failure               NOT_SERVING; calls UNAVAILABLE (Kubernetes restarts the pod)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kimi_grpc.chat import ChatRenderer
+from kimi_grpc.engine.async_llm import AsyncLLM
+from kimi_grpc.engine.llm import load_engine
+from kimi_grpc.sampling_params import SamplingParams
+from kimi_grpc.server.auth import BearerAuthInterceptor, load_api_keys
+from kimi_grpc.server.runtime import LoadedModel, Runtime, model_name
+from kimi_grpc.server.servicer import SERVICE_NAME, InferenceServicer, add_inference_service
+
+logger = logging.getLogger("kimi_grpc.server")
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None  # path or hub id; None = the built-in demo checkpoint
+    revision: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = pick a free port (printed at start)
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_queued_requests: int = 256  # beyond max_num_seqs running; then RESOURCE_EXHAUSTED
+    api_key_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    drain_timeout: float = 30.0  # seconds in-flight streams get after SIGTERM
+    max_message_bytes: int = 16 * MIB  # receive limit: ~3M token ids or ~16 MB of text
+    reflection: bool = True
+    engine_args: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Long streams: ping idle connections every 60 s to find dead peers, and tolerate client
+        # pings down to every 10 s (gRPC's default 5 min makes eager clients get GOAWAY).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_concurrent_streams", 4096),
+    ]
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.runtime = Runtime(max_queued_requests=config.max_queued_requests)
+        self.health = health.aio.HealthServicer()
+        interceptors = []
+        if config.api_key_file:
+            interceptors.append(BearerAuthInterceptor(load_api_keys(config.api_key_file)))
+        self.server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
+        add_inference_service(self.server, InferenceServicer(self.runtime))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if config.reflection:
+            names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self.server)
+        self.port = self._bind()
+        self._stopped = asyncio.Event()
+        self._watcher: asyncio.Task | None = None
+
+    def _bind(self) -> int:
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert or self.config.tls_key:
+            if not (self.config.tls_cert and self.config.tls_key):
+                raise ValueError("--tls-cert and --tls-key go together")
+            with open(self.config.tls_key, "rb") as f:
+                key = f.read()
+            with open(self.config.tls_cert, "rb") as f:
+                cert = f.read()
+            creds = grpc.ssl_server_credentials([(key, cert)])
+            port = self.server.add_secure_port(address, creds)
+        else:
+            port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return port
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        logger.info("listening on %s:%d (loading the model)", self.config.host, self.port)
+
+    async def load(self) -> None:
+        """Loads the checkpoint (off the event loop), warms it up, then reports SERVING."""
+        cfg = self.config
+        engine = await asyncio.to_thread(
+            load_engine, cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype,
+            **cfg.engine_args,
+        )  # fmt: skip
+        chat = ChatRenderer.from_model_dir(engine.model_path, engine.tokenizer)
+        llm = AsyncLLM(engine)
+        # Warm-up: one real generation proves the weights, the cache and the loop work.
+        async for _ in llm.generate([0], SamplingParams(max_tokens=1), request_id="warmup"):
+            pass
+        name = model_name(engine.model_path if cfg.model else None, cfg.model)
+        self.runtime.attach(LoadedModel(engine, llm, engine.tokenizer, chat, name))
+        if cfg.metrics_port is not None:
+            port = self.runtime.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
+            logger.info("metrics on port %d", port)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watcher = asyncio.create_task(self._watch_engine(llm))
+        logger.info("serving %s on port %d", name, self.port)
+
+    async def _watch_engine(self, llm: AsyncLLM) -> None:
+        while llm.errored is None and not self._stopped.is_set():
+            await asyncio.sleep(0.5)
+        if llm.errored is not None:
+            logger.error("engine failed (%r): reporting NOT_SERVING", llm.errored)
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def drain(self) -> None:
+        """SIGTERM: stop accepting, let in-flight calls finish (bounded), then stop."""
+        if self.runtime.draining:
+            return
+        logger.info("draining: %d calls in flight", len(self.runtime.inflight))
+        self.runtime.draining = True
+        await self.health.enter_graceful_shutdown()
+        if not await self.runtime.wait_idle(self.config.drain_timeout):
+            left = self.runtime.abort(list(self.runtime.inflight))
+            logger.warning("drain timeout: aborted %d calls", len(left))
+            await self.runtime.wait_idle(5.0)
+        await self.server.stop(grace=1.0)
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+        if self.runtime.model is not None:
+            await asyncio.to_thread(self.runtime.model.llm.shutdown)
+
+
+async def serve(config: ServerConfig) -> None:
+    server = Server(config)
+    await server.start()
+    print(f"kimi-grpc listening on {config.host}:{server.port}", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
+    try:
+        await server.load()
+    except Exception:
+        logger.exception("loading the model failed")
+        await server.server.stop(grace=0)
+        raise
+    print(f"kimi-grpc serving on {config.host}:{server.port}", flush=True)
+    await server.wait()
+    logger.info("stopped")

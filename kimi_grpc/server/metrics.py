@@ -1,0 +1,95 @@
+"""Prometheus metrics for the serving path, scraped over HTTP (``--metrics-port``).
+
+Latency histograms (TTFT, inter-token, end-to-end, queue), token and request counters, and gauges
+read from the engine's latest stats at scrape time (running, waiting, KV pages, prefix-cache hit
+rate). One registry per server so tests can run several servers in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kimi_grpc.engine.llm_engine import EngineStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class _EngineGauges(Collector):
+    def __init__(self, stats: Callable[[], EngineStats], counters: ServerMetrics) -> None:
+        self._stats = stats
+        self._hits = counters.prefix_hit_ratio
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._stats()
+        usage = stats.pages_used / max(stats.pages_total, 1)
+        for name, doc, value in (
+            ("kimi_requests_running", "Sequences running in the engine", stats.running),
+            ("kimi_requests_waiting", "Sequences waiting for admission", stats.waiting),
+            ("kimi_kv_pages_total", "KV cache pages", stats.pages_total),
+            ("kimi_kv_pages_used", "KV cache pages held by sequences", stats.pages_used),
+            ("kimi_kv_pages_cached", "Free KV pages holding reusable prefixes", stats.pages_cached),
+            ("kimi_kv_usage_ratio", "Used share of the KV cache", usage),
+            ("kimi_prefix_cache_hit_ratio", "Prompt tokens from the prefix cache", self._hits()),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "kimi_time_to_first_token_seconds",
+            "Call start to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "kimi_inter_token_latency_seconds",
+            "Time between streamed tokens",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kimi_e2e_request_latency_seconds",
+            "Call start to last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "kimi_queue_time_seconds", "Engine admission wait", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("kimi_prompt_tokens", "Prompt tokens", registry=r)
+        self.cached_tokens = Counter(
+            "kimi_cached_prompt_tokens", "Prompt tokens served from the prefix cache", registry=r
+        )
+        self.generation_tokens = Counter("kimi_generation_tokens", "Generated tokens", registry=r)
+        self.finished = Counter(
+            "kimi_requests_finished", "Finished completions", ["rpc", "reason"], registry=r
+        )
+        self.rejected = Counter(
+            "kimi_requests_rejected", "Refused calls by status code", ["rpc", "code"], registry=r
+        )
+        self.prompt_tokens_total = 0  # mirrors of the counters, for GetServerStatus
+        self.cached_tokens_total = 0
+        r.register(_EngineGauges(stats, self))
+
+    def record_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.cached_tokens.inc(cached_tokens)
+        self.prompt_tokens_total += prompt_tokens
+        self.cached_tokens_total += cached_tokens
+
+    def prefix_hit_ratio(self) -> float:
+        prompt = self.prompt_tokens_total
+        return self.cached_tokens_total / prompt if prompt else 0.0
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
+        """Starts the /metrics HTTP server on a thread; returns its port (``port`` 0 picks one)."""
+        http_server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return http_server.server_port

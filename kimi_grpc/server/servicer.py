@@ -1,0 +1,303 @@
+"""``kimi.v1.InferenceService``: the RPC handlers.
+
+Handlers validate (ServiceError → status), reserve admission, then stream from ``AsyncLLM``.
+Leaving a stream for any reason — the client cancels, the deadline passes, the server drains —
+closes the engine stream in ``finally``, which aborts the request and frees its KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from kimi_grpc.engine.llm_engine import SequenceDelta
+from kimi_grpc.proto import inference_pb2 as pb
+from kimi_grpc.server import convert
+from kimi_grpc.server.agent_step import MODE_DEFAULTS, AgentStep
+from kimi_grpc.server.errors import (
+    ServiceError,
+    Undecodable,
+    engine_errors,
+    invalid,
+    safe_deserializer,
+)
+from kimi_grpc.server.metrics import ServerMetrics
+from kimi_grpc.server.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+BIG_TEXT_CHARS = 16_384  # tokenize larger inputs off the event loop
+GENERATE_DEFAULTS: dict[str, Any] = {}  # vLLM's SamplingParams defaults
+
+
+class LatencyClock:
+    """TTFT / inter-token / end-to-end timing of one call, fed into the metrics."""
+
+    def __init__(self, metrics: ServerMetrics | None) -> None:
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def tokens(self, count: int) -> None:
+        if not count:
+            return
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            if self.metrics:
+                self.metrics.ttft.observe(now - self.start)
+        elif self.metrics and self.last is not None:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+        if self.metrics:
+            self.metrics.generation_tokens.inc(count)
+
+    def timings(self) -> pb.Timings:
+        now = time.monotonic()
+        first = self.first if self.first is not None else now
+        last = self.last if self.last is not None else now
+        if self.metrics:
+            self.metrics.e2e.observe(now - self.start)
+        return pb.Timings(
+            time_to_first_token_ms=(first - self.start) * 1e3,
+            decode_ms=(last - first) * 1e3,
+            e2e_ms=(now - self.start) * 1e3,
+        )
+
+
+def record_admission(metrics: ServerMetrics | None, delta: SequenceDelta) -> None:
+    """Once per engine request: prompt / prefix-cache tokens and queue time."""
+    if metrics is None:
+        return
+    metrics.record_prompt(delta.num_prompt_tokens, delta.num_cached_tokens)
+    if delta.queue_time is not None:
+        metrics.queue.observe(delta.queue_time)
+
+
+def _rejected(runtime: Runtime, rpc: str, err: ServiceError) -> None:
+    if runtime.metrics is not None:
+        runtime.metrics.rejected.labels(rpc, err.code.name).inc()
+    logger.info("%s refused: %s %s", rpc, err.code.name, err.message)
+
+
+def unary(rpc: str) -> Callable:
+    """Wraps a unary handler: ServiceError → the call's status."""
+
+    def wrap(handler: Callable) -> Callable:
+        @functools.wraps(handler)
+        async def run(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
+            try:
+                if isinstance(request, Undecodable):
+                    raise request.error()
+                return await handler(self, request, context)
+            except ServiceError as err:
+                _rejected(self.runtime, rpc, err)
+                await context.abort_with_status(err.to_status())
+
+        return run
+
+    return wrap
+
+
+def streaming(rpc: str) -> Callable:
+    """Wraps a server-streaming handler (an async generator) the same way."""
+
+    def wrap(handler: Callable) -> Callable:
+        @functools.wraps(handler)
+        async def run(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
+            try:
+                if isinstance(request, Undecodable):
+                    raise request.error()
+                async for response in handler(self, request, context):
+                    yield response
+            except ServiceError as err:
+                _rejected(self.runtime, rpc, err)
+                await context.abort_with_status(err.to_status())
+
+        return run
+
+    return wrap
+
+
+class InferenceServicer:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def _encode(self, text: str, allow_special: bool) -> list[int]:
+        tokenizer = self.runtime.ready().tokenizer
+        if len(text) > BIG_TEXT_CHARS:
+            return await asyncio.to_thread(tokenizer.encode, text, allow_special=allow_special)
+        return tokenizer.encode(text, allow_special=allow_special)
+
+    # ---- Generate -------------------------------------------------------------------------------
+    @streaming("Generate")
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator:
+        model = self.runtime.ready()
+        metrics = self.runtime.metrics
+        clock = LatencyClock(metrics)
+        params = convert.sampling_params(request.sampling, GENERATE_DEFAULTS)
+        which = request.WhichOneof("input")
+        if which == "text":
+            prompt = await self._encode(request.text, request.allow_special_tokens)
+            field = "text"
+        elif which == "token_ids":
+            prompt, field = list(request.token_ids.ids), "token_ids.ids"
+        else:
+            raise invalid("input", "set text or token_ids")
+        async with self.runtime.admit(request.request_id, params.n) as (request_id, _):
+            stream = model.llm.generate(
+                prompt, params, request_id=request_id, priority=request.priority
+            )
+            counts = [0] * params.n
+            try:
+                first = True
+                async for delta in engine_errors(stream, {"prompt": field}):
+                    if first:
+                        record_admission(metrics, delta)
+                        first = False
+                    clock.tokens(len(delta.token_ids))
+                    counts[delta.index] += len(delta.token_ids)
+                    if delta.token_ids or delta.text:
+                        yield pb.GenerateResponse(
+                            delta=pb.GenerateDelta(
+                                index=delta.index,
+                                token_ids=delta.token_ids,
+                                text=delta.text,
+                                logprobs=convert.logprobs(delta),
+                            )
+                        )
+                    if delta.finished:
+                        yield pb.GenerateResponse(
+                            final=self._final(request_id, delta, counts, clock)
+                        )
+            finally:
+                await stream.aclose()
+
+    def _final(
+        self, request_id: str, delta: SequenceDelta, counts: list[int], clock: LatencyClock
+    ) -> pb.GenerateFinal:
+        if self.runtime.metrics:
+            self.runtime.metrics.finished.labels("Generate", delta.finish_reason).inc()
+        final = pb.GenerateFinal(
+            index=delta.index,
+            request_id=request_id,
+            finish_reason=convert.FINISH_REASONS[delta.finish_reason],
+            usage=convert.usage(
+                delta.num_prompt_tokens, counts[delta.index], delta.num_cached_tokens
+            ),
+            timings=clock.timings(),
+        )
+        if isinstance(delta.stop_reason, str):
+            final.stop_string = delta.stop_reason
+        elif isinstance(delta.stop_reason, int):
+            final.stop_token_id = delta.stop_reason
+        return final
+
+    # ---- AgentStep ------------------------------------------------------------------------------
+    @streaming("AgentStep")
+    async def AgentStep(self, request: pb.AgentStepRequest, context) -> AsyncIterator:
+        model = self.runtime.ready()
+        step = AgentStep(model, request, self.runtime.metrics)
+        rendered = await asyncio.to_thread(step.render)
+        async with self.runtime.admit(request.request_id, 1) as (request_id, call):
+            async for response in step.run(
+                request_id, rendered, call, LatencyClock(self.runtime.metrics)
+            ):
+                yield response
+
+    # ---- unary RPCs -----------------------------------------------------------------------------
+    @unary("Tokenize")
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        model = self.runtime.ready()
+        which = request.WhichOneof("input")
+        if which == "text":
+            ids = await self._encode(request.text, request.allow_special_tokens)
+            return pb.TokenizeResponse(text=request.text, token_ids=ids)
+        if which == "chat":
+            rendered = await asyncio.to_thread(AgentStep.render_chat, model, request.chat, "chat")
+            return pb.TokenizeResponse(text=rendered.text, token_ids=rendered.token_ids)
+        raise invalid("input", "set text or chat")
+
+    @unary("GetModelInfo")
+    async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
+        model = self.runtime.ready()
+        engine, cfg = model.engine, model.engine.model.config
+        quant = "none"
+        if cfg.quantization is not None:
+            q = cfg.quantization
+            quant = f"int4 pack-quantized symmetric, group {q.group_size} (compressed-tensors)"
+        return pb.GetModelInfoResponse(
+            model_name=model.name,
+            variant=f"{cfg.model_type} ({cfg.architecture})",
+            max_context_length=engine.max_model_len,
+            eos_token_ids=sorted(engine.eos_token_ids),
+            vocab_size=model.tokenizer.vocab_size,
+            quantization=quant,
+            dtype=str(engine.model.dtype).removeprefix("torch."),
+            device=str(engine.model.device),
+            page_size=engine.config.page_size,
+            default_sampling=convert.sampling_to_proto(
+                convert.sampling_params(pb.SamplingParams(), GENERATE_DEFAULTS)
+            ),
+            mode_defaults=[
+                pb.ModeDefaults(mode=mode, temperature=d["temperature"], top_p=d["top_p"])
+                for mode, d in MODE_DEFAULTS.items()
+            ],
+            tensor_parallel_size=1,
+        )
+
+    @unary("GetServerStatus")
+    async def GetServerStatus(self, request, context) -> pb.GetServerStatusResponse:
+        rt = self.runtime
+        status = pb.GetServerStatusResponse(
+            uptime_seconds=time.monotonic() - rt.started, draining=rt.draining
+        )
+        if rt.model is not None:
+            stats = rt.model.llm.stats()
+            status.running, status.waiting = stats.running, stats.waiting
+            status.kv_pages_total, status.kv_pages_used = stats.pages_total, stats.pages_used
+            status.kv_pages_cached, status.page_size = stats.pages_cached, stats.page_size
+            status.num_preemptions = stats.num_preemptions
+        if rt.metrics is not None:
+            status.prompt_tokens_total = rt.metrics.prompt_tokens_total
+            status.cached_tokens_total = rt.metrics.cached_tokens_total
+        return status
+
+    @unary("Abort")
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        return pb.AbortResponse(aborted_request_ids=self.runtime.abort(list(request.request_ids)))
+
+
+SERVICE_NAME = "kimi.v1.InferenceService"
+_METHODS = {  # name -> (request type, response type, server streaming)
+    "Generate": (pb.GenerateRequest, pb.GenerateResponse, True),
+    "AgentStep": (pb.AgentStepRequest, pb.AgentStepResponse, True),
+    "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse, False),
+    "GetModelInfo": (pb.GetModelInfoRequest, pb.GetModelInfoResponse, False),
+    "GetServerStatus": (pb.GetServerStatusRequest, pb.GetServerStatusResponse, False),
+    "Abort": (pb.AbortRequest, pb.AbortResponse, False),
+}
+
+
+def add_inference_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
+    """Registers the service with deserializers that never fail the call before the handler."""
+    handlers = {}
+    for name, (request_cls, response_cls, server_streaming) in _METHODS.items():
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[name] = make(
+            getattr(servicer, name),
+            request_deserializer=safe_deserializer(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
