@@ -1,0 +1,1 @@
+"""The gRPC server: lifecycle (app), RPC handlers (servicer, agent_step), admission, errors."""
