@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -88,3 +89,20 @@ def test_auth_helpers(tmp_path: Path) -> None:
     assert not auth.authorized((("authorization", "Bearer k1 "),))
     assert not auth.authorized((("x-api-key", "k1"),))
     assert not auth.authorized(None)
+
+
+def test_tls(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    with running_server("--tls-cert", str(cert), "--tls-key", str(key)) as srv:
+        with KimiClient(srv.target, tls=str(cert)) as c:
+            assert c.generate_result("x", {"max_tokens": 2}).final.usage.completion_tokens == 2
+        with KimiClient(srv.target) as plain, pytest.raises(grpc.RpcError) as err:
+            plain.model_info()  # a plaintext client cannot talk to the TLS port
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
