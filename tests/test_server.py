@@ -90,6 +90,7 @@ def test_generate_stream_adds_up(client: KimiClient, offline: LLM) -> None:
     want = offline.generate(["The quick brown fox"], SamplingParams(**params))[0]
     assert ids == want.token_ids
     assert final.timings.e2e_ms >= final.timings.time_to_first_token_ms > 0
+    assert 0 <= final.timings.queue_ms <= final.timings.time_to_first_token_ms
 
 
 def test_generate_token_ids_logprobs_stop_and_cached_tokens(client: KimiClient) -> None:

@@ -28,7 +28,7 @@ from kimi_grpc.parsers import StreamDelta, StreamParser
 from kimi_grpc.proto import inference_pb2 as pb
 from kimi_grpc.server import convert
 from kimi_grpc.server.errors import ServiceError, engine_errors, invalid
-from kimi_grpc.server.metrics import ServerMetrics
+from kimi_grpc.server.metrics import RequestClock, ServerMetrics
 from kimi_grpc.server.runtime import Call, LoadedModel
 
 # Kimi's recommended sampling per mode (kimi-spec.md 6.1).
@@ -201,7 +201,7 @@ class AgentStep:
         return ids, text
 
     async def run(
-        self, request_id: str, rendered: RenderedChat, call: Call, clock: Any
+        self, request_id: str, rendered: RenderedChat, call: Call, clock: RequestClock
     ) -> AsyncIterator[pb.AgentStepResponse]:
         tokenizer, llm = self.model.tokenizer, self.model.llm
         first_call_index = rendered.num_tool_calls  # ids continue the conversation's count
@@ -269,8 +269,7 @@ class AgentStep:
                 async for delta in engine_errors(stream, {"prompt": "messages"}):
                     if not admitted:
                         admitted, cached = True, delta.num_cached_tokens
-                        if self.metrics:
-                            self.metrics.record_prompt(delta.num_prompt_tokens, cached)
+                        clock.admitted(delta)
                     clock.tokens(len(delta.token_ids))
                     text = delta.text
                     for token in list(delta.token_ids):

@@ -7,13 +7,15 @@ rate). One registry per server so tests can run several servers in one process.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kimi_grpc.engine.llm_engine import EngineStats
+from kimi_grpc.engine.llm_engine import EngineStats, SequenceDelta
+from kimi_grpc.proto import inference_pb2 as pb
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -93,3 +95,50 @@ class ServerMetrics:
         """Starts the /metrics HTTP server on a thread; returns its port (``port`` 0 picks one)."""
         http_server, _ = start_http_server(port, addr=host, registry=self.registry)
         return http_server.server_port
+
+
+class RequestClock:
+    """TTFT / inter-token / end-to-end timing of one call, fed into the metrics."""
+
+    def __init__(self, metrics: ServerMetrics | None) -> None:
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.queue: float | None = None  # seconds, from the engine's first delta
+
+    def admitted(self, delta: SequenceDelta) -> None:
+        """The call's first engine delta: prompt / prefix-cache tokens and queue time."""
+        self.queue = delta.queue_time
+        if self.metrics is None:
+            return
+        self.metrics.record_prompt(delta.num_prompt_tokens, delta.num_cached_tokens)
+        if delta.queue_time is not None:
+            self.metrics.queue.observe(delta.queue_time)
+
+    def tokens(self, count: int) -> None:
+        if not count:
+            return
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            if self.metrics:
+                self.metrics.ttft.observe(now - self.start)
+        elif self.metrics and self.last is not None:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+        if self.metrics:
+            self.metrics.generation_tokens.inc(count)
+
+    def timings(self) -> pb.Timings:
+        now = time.monotonic()
+        first = self.first if self.first is not None else now
+        last = self.last if self.last is not None else now
+        if self.metrics:
+            self.metrics.e2e.observe(now - self.start)
+        return pb.Timings(
+            time_to_first_token_ms=(first - self.start) * 1e3,
+            decode_ms=(last - first) * 1e3,
+            e2e_ms=(now - self.start) * 1e3,
+            queue_ms=(self.queue or 0.0) * 1e3,
+        )

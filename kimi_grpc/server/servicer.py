@@ -27,58 +27,13 @@ from kimi_grpc.server.errors import (
     invalid,
     safe_deserializer,
 )
-from kimi_grpc.server.metrics import ServerMetrics
+from kimi_grpc.server.metrics import RequestClock
 from kimi_grpc.server.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 BIG_TEXT_CHARS = 16_384  # tokenize larger inputs off the event loop
 GENERATE_DEFAULTS: dict[str, Any] = {}  # vLLM's SamplingParams defaults
-
-
-class LatencyClock:
-    """TTFT / inter-token / end-to-end timing of one call, fed into the metrics."""
-
-    def __init__(self, metrics: ServerMetrics | None) -> None:
-        self.metrics = metrics
-        self.start = time.monotonic()
-        self.first: float | None = None
-        self.last: float | None = None
-
-    def tokens(self, count: int) -> None:
-        if not count:
-            return
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now
-            if self.metrics:
-                self.metrics.ttft.observe(now - self.start)
-        elif self.metrics and self.last is not None:
-            self.metrics.itl.observe(now - self.last)
-        self.last = now
-        if self.metrics:
-            self.metrics.generation_tokens.inc(count)
-
-    def timings(self) -> pb.Timings:
-        now = time.monotonic()
-        first = self.first if self.first is not None else now
-        last = self.last if self.last is not None else now
-        if self.metrics:
-            self.metrics.e2e.observe(now - self.start)
-        return pb.Timings(
-            time_to_first_token_ms=(first - self.start) * 1e3,
-            decode_ms=(last - first) * 1e3,
-            e2e_ms=(now - self.start) * 1e3,
-        )
-
-
-def record_admission(metrics: ServerMetrics | None, delta: SequenceDelta) -> None:
-    """Once per engine request: prompt / prefix-cache tokens and queue time."""
-    if metrics is None:
-        return
-    metrics.record_prompt(delta.num_prompt_tokens, delta.num_cached_tokens)
-    if delta.queue_time is not None:
-        metrics.queue.observe(delta.queue_time)
 
 
 def _rejected(runtime: Runtime, rpc: str, err: ServiceError) -> None:
@@ -141,7 +96,7 @@ class InferenceServicer:
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator:
         model = self.runtime.ready()
         metrics = self.runtime.metrics
-        clock = LatencyClock(metrics)
+        clock = RequestClock(metrics)
         params = convert.sampling_params(request.sampling, GENERATE_DEFAULTS)
         which = request.WhichOneof("input")
         if which == "text":
@@ -160,7 +115,7 @@ class InferenceServicer:
                 first = True
                 async for delta in engine_errors(stream, {"prompt": field}):
                     if first:
-                        record_admission(metrics, delta)
+                        clock.admitted(delta)
                         first = False
                     clock.tokens(len(delta.token_ids))
                     counts[delta.index] += len(delta.token_ids)
@@ -181,7 +136,7 @@ class InferenceServicer:
                 await stream.aclose()
 
     def _final(
-        self, request_id: str, delta: SequenceDelta, counts: list[int], clock: LatencyClock
+        self, request_id: str, delta: SequenceDelta, counts: list[int], clock: RequestClock
     ) -> pb.GenerateFinal:
         if self.runtime.metrics:
             self.runtime.metrics.finished.labels("Generate", delta.finish_reason).inc()
@@ -208,7 +163,7 @@ class InferenceServicer:
         rendered = await asyncio.to_thread(step.render)
         async with self.runtime.admit(request.request_id, 1) as (request_id, call):
             async for response in step.run(
-                request_id, rendered, call, LatencyClock(self.runtime.metrics)
+                request_id, rendered, call, RequestClock(self.runtime.metrics)
             ):
                 yield response
 
