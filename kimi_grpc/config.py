@@ -439,6 +439,9 @@ class EngineConfig:
 
     max_num_seqs: int = 256  # sequences running at once
     max_num_batched_tokens: int = 8192  # tokens computed per step (prefill chunks + decodes)
+    # One sequence's tokens per step while others compete for the step (a long prompt must not
+    # starve decodes and admissions); alone it takes the whole budget. None: the budget's half.
+    max_prefill_chunk_tokens: int | None = None
     max_waiting: int = 4096  # sequences queued before requests are refused as overload
     max_model_len: int | None = None  # context limit; default: the model's max_position_embeddings
     page_size: int = 64
@@ -452,6 +455,11 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        chunk = self.max_prefill_chunk_tokens
+        if chunk is not None and (
+            not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
+        ):
+            raise ConfigError(f"max_prefill_chunk_tokens must be a positive integer, got {chunk!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
@@ -462,3 +470,11 @@ class EngineConfig:
             raise ConfigError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
+
+    @property
+    def prefill_chunk_cap(self) -> int:
+        """``max_prefill_chunk_tokens`` resolved: half the step budget (at least 1) by default,
+        which leaves the other half to decodes and new admissions under contention."""
+        if self.max_prefill_chunk_tokens is not None:
+            return self.max_prefill_chunk_tokens
+        return max(1, self.max_num_batched_tokens // 2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kimi_grpc.checkpoint_maker import make_checkpoint
-from kimi_grpc.config import EngineConfig
+from kimi_grpc.config import ConfigError, EngineConfig
 from kimi_grpc.engine.async_llm import AsyncLLM
 from kimi_grpc.engine.llm_engine import LLMEngine
 from kimi_grpc.engine.outputs import CompletionOutput, RequestOutput
@@ -302,3 +302,97 @@ def test_async_streams_are_independent_and_cancellable(demo):
     assert [fast_tokens, slow_tokens] == expected
     assert "cancel-me" not in engine.requests
     assert engine.blocks.num_used_pages == 0
+
+
+# ---- fairness: sessions and the chunk cap change when tokens are computed, not which ----------
+def run_swarm(engine: LLMEngine, jobs, params) -> tuple[dict[str, list[int]], dict, list]:
+    """Submits ``(request_id, session_id, prompt)`` jobs at once and steps to completion.
+    Returns the tokens per request, the step of each request's first token and, per step, the
+    tokens scheduled for each request."""
+    schedule = engine.scheduler.schedule
+    batches: list[dict[str, int]] = []
+
+    def spy():
+        out = schedule()
+        batches.append({s.request_id: n for s, n in out.scheduled})
+        return out
+
+    engine.scheduler.schedule = spy
+    tokens: dict[str, list[int]] = {}
+    first: dict[str, int] = {}
+    for request_id, session_id, prompt in jobs:
+        engine.add_request(request_id, prompt, params, session_id=session_id)
+        tokens[request_id] = []
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            tokens[delta.request_id] += delta.token_ids
+            first.setdefault(delta.request_id, len(batches))
+    return tokens, first, batches
+
+
+def test_fairness_gives_the_same_tokens_in_another_order(demo):
+    rng = random.Random(11)
+    big = [rng.randrange(1792) for _ in range(2000)]
+    jobs = [("big", "big", big)]
+    jobs += [(f"a{i}", "flood", p) for i, p in enumerate(random_prompts(6, 12, lo=10, hi=40))]
+    jobs += [("b0", "b", random_prompts(1, 13, lo=20, hi=20)[0])]
+    jobs += [(f"n{i}", None, p) for i, p in enumerate(random_prompts(2, 14, lo=5, hi=30))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    fair = make_engine(demo, max_num_batched_tokens=256, max_num_seqs=4)
+    assert fair.scheduler.max_prefill_chunk_tokens == 128  # the default: half the budget
+    got, first, batches = run_swarm(fair, jobs, params)
+    # Without sessions and with chunks up to the whole budget: FCFS, the big prompt first.
+    plain = make_engine(
+        demo, max_num_batched_tokens=256, max_num_seqs=4, max_prefill_chunk_tokens=256
+    )
+    want, plain_first, plain_batches = run_swarm(plain, [(r, None, p) for r, _, p in jobs], params)
+    assert got == want
+    assert all(len(t) == 6 for t in got.values())
+    # The orders really differed. Fairly, b0 starts in the first step beside the big prompt,
+    # which advances by a capped chunk every step while the others come and go; first come
+    # first served, the big prompt takes whole steps and b0 waits for it and for the flood.
+    assert first["b0"] == 1 and plain_first["b0"] > 8
+    assert [b["big"] for b in batches[:16]] == [128] * 15 + [2000 - 15 * 128]
+    assert [b["big"] for b in plain_batches[:8]] == [256] * 7 + [2000 - 7 * 256]
+
+
+def test_prefill_chunk_cap_config(demo):
+    with pytest.raises(ConfigError, match="max_prefill_chunk_tokens"):
+        EngineConfig(max_prefill_chunk_tokens=0)
+    assert EngineConfig(max_num_batched_tokens=1).prefill_chunk_cap == 1
+    assert EngineConfig(max_prefill_chunk_tokens=100).prefill_chunk_cap == 100
+    # Alone, a long prompt takes the whole budget every step (no slowdown from the cap).
+    engine = make_engine(demo, max_num_batched_tokens=128)
+    _, _, batches = run_swarm(engine, [("long", "s", list(range(600)))], GREEDY)
+    assert [b["long"] for b in batches[:5]] == [128, 128, 128, 128, 88]
+    with pytest.raises(ValueError, match="session_id"):
+        engine.add_request("x", [1, 2], GREEDY, session_id=7)
+
+
+def test_async_generate_passes_the_session(demo):
+    engine = make_engine(demo)
+    seen = []
+    add_request = engine.add_request
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("session_id"))
+        return add_request(*args, **kwargs)
+
+    engine.add_request = spy
+    llm = AsyncLLM(engine)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def main():
+        tokens = []
+        async for delta in llm.generate([1, 2, 3], params, session_id="agent-7"):
+            tokens += delta.token_ids
+        async for _ in llm.generate([1, 2, 3], params):
+            pass
+        return tokens
+
+    try:
+        tokens = asyncio.run(main())
+    finally:
+        llm.shutdown()
+    assert seen == ["agent-7", None]
+    assert tokens == alone(demo, [[1, 2, 3]], params)[0]

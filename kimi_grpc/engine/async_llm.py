@@ -55,16 +55,20 @@ class AsyncLLM:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        session_id: str | None = None,
     ) -> AsyncIterator[SequenceDelta]:
         """Streams the request's deltas until all ``params.n`` completions finish. Validation
-        errors are raised here, before the first delta."""
+        errors are raised here, before the first delta. ``session_id``: the client session for
+        session-fair admission (see ``LLMEngine.add_request``)."""
         if self.errored is not None:
             raise EngineDeadError(f"engine loop failed: {self.errored!r}")
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(loop, asyncio.Queue(), params.n)
         accepted = loop.create_future()
-        self._commands.put(("add", request_id, prompt, params, priority, stream, accepted))
+        self._commands.put(
+            ("add", request_id, prompt, params, priority, session_id, stream, accepted)
+        )
         remaining = params.n
         try:
             await accepted
@@ -115,9 +119,11 @@ class AsyncLLM:
         if command[0] == "abort":
             self._dispatch(self.engine.abort_request(command[1]))
             return
-        _, request_id, prompt, params, priority, stream, accepted = command
+        _, request_id, prompt, params, priority, session_id, stream, accepted = command
         try:
-            self.engine.add_request(request_id, prompt, params, priority=priority)
+            self.engine.add_request(
+                request_id, prompt, params, priority=priority, session_id=session_id
+            )
         except Exception as exc:  # validation / overload: the caller's error, not the engine's
             stream.loop.call_soon_threadsafe(_settle, accepted, exc)
             return

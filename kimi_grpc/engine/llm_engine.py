@@ -122,6 +122,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_waiting=config.max_waiting,
+            max_prefill_chunk_tokens=config.prefill_chunk_cap,
         )
         self.runner = ModelRunner(model, self.cache)
         # Requests without a seed share one engine-wide stream.
@@ -152,10 +153,21 @@ class LLMEngine:
         params: SamplingParams,
         *,
         priority: int = 0,
+        session_id: str | None = None,
     ) -> list[int]:
-        """Validates and queues a request; returns its prompt token ids."""
+        """Validates and queues a request; returns its prompt token ids.
+
+        ``session_id`` names the client session (an agent run, a sub-agent) the request belongs
+        to: among waiting requests of equal priority, the scheduler admits first those whose
+        session has the fewest sequences running, so one session flooding the queue does not
+        starve the others. None or "" (proto3's unset string): the request is a session of its
+        own (plain FCFS among those). Scheduling changes when a greedy or seeded request is
+        computed, never its tokens (unseeded sampling draws from the shared engine stream)."""
         if not isinstance(request_id, str) or not request_id:
             raise RequestError("request_id", "request_id must be a non-empty string")
+        if session_id is not None and not isinstance(session_id, str):
+            raise RequestError("session_id", "session_id must be a string or None")
+        session_id = session_id or None
         if request_id in self.requests:
             raise DuplicateRequestError(
                 "request_id", f"request_id {request_id!r} is already in flight"
@@ -218,6 +230,7 @@ class LLMEngine:
                     stop_checker=StopChecker(params.stop or [], params.include_stop_str_in_output),
                     priority=priority,
                     arrival=now,
+                    session_id=session_id,
                 )
             )
         self.scheduler.add(seqs)

@@ -4,6 +4,9 @@ A request with ``n > 1`` becomes ``n`` sequences sharing the prompt (and, throug
 cache, its pages). State machine: WAITING → RUNNING → FINISHED, and RUNNING → WAITING only by
 preemption, which frees the pages and recomputes the prompt *and* the output so far on
 re-admission (the output continues exactly where it stopped).
+
+``session_id`` groups the requests of one client session (an agent run, a sub-agent) for
+session-fair admission; see :attr:`Sequence.fairness_key` and the scheduler.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Sequence:
     stop_checker: StopChecker
     priority: int = 0
     arrival: float = 0.0
+    session_id: str | None = None  # the client session (agent run) this request belongs to
     status: SequenceStatus = SequenceStatus.WAITING
     table: PageTable | None = None
     num_computed_tokens: int = 0  # tokens whose latents are in the cache
@@ -78,6 +82,15 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def sort_key(self) -> tuple[int, float, int]:
-        """Waiting-queue order: priority (lower first), then arrival, then id (FCFS)."""
-        return (self.priority, self.arrival, self.seq_id)
+    @property
+    def fairness_key(self) -> str:
+        """Whose share of the engine this sequence uses: its session, or its request without one
+        (a session-less request is a session of its own)."""
+        return self.session_id if self.session_id is not None else self.request_id
+
+    def sort_key(self) -> tuple[int, int, float, int]:
+        """Waiting-queue order: priority (lower first); within a priority, preempted sequences
+        first (they resume work already streamed to a client and free their pages sooner); then
+        arrival, then id (FCFS). Constant while the sequence waits (``num_preemptions`` only
+        changes on the way into the queue), as ``bisect`` on the sorted list requires."""
+        return (self.priority, 0 if self.num_preemptions else 1, self.arrival, self.seq_id)
