@@ -1,4 +1,4 @@
-"""``kimi-grpc`` command line: serve, generate (offline or --target), chat, agent,
+"""``kimi-grpc`` command line: serve, generate (offline or --target), chat, agent, swarm,
 make-checkpoint."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from kimi_grpc import cli_remote
 from kimi_grpc.checkpoint import CheckpointError
 from kimi_grpc.config import ConfigError
+from kimi_grpc.swarm import command as swarm_command
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--tool-choice", help="first step only: auto | none | required | a tool name"
             )
             p.add_argument("--json", action="store_true", help="one JSON line per step")
+    swarm_command.add_parser(sub)
     return parser
 
 
@@ -248,6 +250,7 @@ COMMANDS = {
     "generate": _cmd_generate,
     "chat": lambda args: cli_remote.cmd_chat(_require_target(args)),
     "agent": lambda args: cli_remote.cmd_agent(_require_target(args)),
+    "swarm": swarm_command.cmd_swarm,
 }
 
 

@@ -76,6 +76,7 @@ GENERATE_ROWS = [
     ("over context", generate_request([5] * (MAX_MODEL_LEN + 1)), "token_ids.ids"),
     ("prompt+max", generate_request([5] * 200, {"max_tokens": 100}), "sampling.max_tokens"),
     ("long id", generate_request("x", request_id="r" * 300), "request_id"),
+    ("long session", generate_request("x", session_id="s" * 300), "session_id"),
 ]
 AGENT_ROWS = [
     ("no messages", pb.AgentStepRequest(), "messages"),
@@ -99,6 +100,7 @@ AGENT_ROWS = [
     ("budget<0", step(thinking_budget=-1), "thinking_budget"),
     ("kwargs json", raw_step(chat_template_kwargs_json="{x"), "chat_template_kwargs_json"),
     ("sampling", step(params={"temperature": -1.0}), "sampling.temperature"),
+    ("long session", step(session_id="s" * 300), "session_id"),
     ("thinking vs mode", step(mode="thinking", chat_template_kwargs=NO_THINK), f"{KW}.thinking"),
     ("thinking type", step(chat_template_kwargs={"enable_thinking": 1}), f"{KW}.enable_thinking"),
     ("reserved kwarg", step(chat_template_kwargs={"messages": []}), f"{KW}.messages"),

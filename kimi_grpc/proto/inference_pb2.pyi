@@ -251,7 +251,7 @@ class ToolChoice(_message.Message):
     def __init__(self, mode: _Optional[_Union[ToolChoiceMode, str]] = ..., function_name: _Optional[str] = ...) -> None: ...
 
 class AgentStepRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "tools", "tool_choice", "mode", "thinking_budget", "sampling", "session_id", "priority", "preserve_thinking", "chat_template_kwargs_json")
+    __slots__ = ("request_id", "messages", "tools", "tool_choice", "mode", "thinking_budget", "sampling", "session_id", "priority", "preserve_thinking", "chat_template_kwargs_json", "final_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +263,7 @@ class AgentStepRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PRESERVE_THINKING_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     tools: _containers.RepeatedCompositeFieldContainer[Tool]
@@ -274,7 +275,8 @@ class AgentStepRequest(_message.Message):
     priority: int
     preserve_thinking: bool
     chat_template_kwargs_json: str
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., thinking_budget: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., priority: _Optional[int] = ..., preserve_thinking: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
+    final_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., thinking_budget: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., priority: _Optional[int] = ..., preserve_thinking: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ..., final_only: _Optional[bool] = ...) -> None: ...
 
 class ToolCallDelta(_message.Message):
     __slots__ = ("index", "id", "name", "arguments")

@@ -264,7 +264,13 @@ class AgentStep:
                 params = replace(params, max_tokens=left)
             phase_start, emitted = len(generated), ""
             cut: str | None = None
-            stream = llm.generate(prompt + generated, params, request_id=request_id)
+            stream = llm.generate(
+                prompt + generated,
+                params,
+                request_id=request_id,
+                priority=self.request.priority,
+                session_id=self.request.session_id or None,
+            )
             try:
                 async for delta in engine_errors(stream, {"prompt": "messages"}):
                     if not admitted:

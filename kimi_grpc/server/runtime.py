@@ -83,12 +83,7 @@ class Runtime:
     async def admit(self, request_id: str, num_seqs: int) -> AsyncIterator[tuple[str, Call]]:
         """Reserves ``num_seqs`` sequence slots and the request id for the duration of a call."""
         self.ready()
-        if len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters",
-                field="request_id",
-            )
+        check_id("request_id", request_id)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.inflight:
             raise ServiceError(
@@ -131,6 +126,16 @@ class Runtime:
             for event in events:
                 event.cancel()
         return True
+
+
+def check_id(field: str, value: str) -> None:
+    """request_id / session_id: at most MAX_REQUEST_ID_CHARS characters."""
+    if len(value) > MAX_REQUEST_ID_CHARS:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: longer than {MAX_REQUEST_ID_CHARS} characters",
+            field=field,
+        )
 
 
 def model_name(path: Path | None, requested: str | None) -> str:

@@ -28,7 +28,7 @@ from kimi_grpc.server.errors import (
     safe_deserializer,
 )
 from kimi_grpc.server.metrics import RequestClock
-from kimi_grpc.server.runtime import Runtime
+from kimi_grpc.server.runtime import Runtime, check_id
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class InferenceServicer:
         metrics = self.runtime.metrics
         clock = RequestClock(metrics)
         params = convert.sampling_params(request.sampling, GENERATE_DEFAULTS)
+        check_id("session_id", request.session_id)
         which = request.WhichOneof("input")
         if which == "text":
             prompt = await self._encode(request.text, request.allow_special_tokens)
@@ -108,7 +109,11 @@ class InferenceServicer:
             raise invalid("input", "set text or token_ids")
         async with self.runtime.admit(request.request_id, params.n) as (request_id, _):
             stream = model.llm.generate(
-                prompt, params, request_id=request_id, priority=request.priority
+                prompt,
+                params,
+                request_id=request_id,
+                priority=request.priority,
+                session_id=request.session_id or None,
             )
             counts = [0] * params.n
             try:
@@ -160,12 +165,13 @@ class InferenceServicer:
     async def AgentStep(self, request: pb.AgentStepRequest, context) -> AsyncIterator:
         model = self.runtime.ready()
         step = AgentStep(model, request, self.runtime.metrics)
+        check_id("session_id", request.session_id)
         rendered = await asyncio.to_thread(step.render)
         async with self.runtime.admit(request.request_id, 1) as (request_id, call):
-            async for response in step.run(
-                request_id, rendered, call, RequestClock(self.runtime.metrics)
-            ):
-                yield response
+            clock = RequestClock(self.runtime.metrics)
+            async for response in step.run(request_id, rendered, call, clock):
+                if not request.final_only or response.HasField("final"):
+                    yield response
 
     # ---- unary RPCs -----------------------------------------------------------------------------
     @unary("Tokenize")
