@@ -76,17 +76,21 @@ class Journal:
             self.fsyncs += 1
         except OSError as exc:  # disk full, ...: every waiter learns the record is not durable
             error = exc
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
         for _, loop, done in batch:
-            loop.call_soon_threadsafe(_settle, done, error)
+            by_loop.setdefault(loop, []).append(done)
+        for loop, futures in by_loop.items():  # one wake-up per loop per commit
+            loop.call_soon_threadsafe(_settle, futures, error)
 
 
-def _settle(done: asyncio.Future, error: BaseException | None) -> None:
-    if done.cancelled():
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
+def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    for done in futures:
+        if done.cancelled():
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
 
 
 def _drop_torn_tail(path: Path) -> None:
