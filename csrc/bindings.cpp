@@ -2,6 +2,8 @@
 // csrc/cpu (C++/OpenMP) and csrc/cuda (one .cu per kernel family). Contracts: kimi_grpc/ops.
 #include <torch/extension.h>
 
+#include "cpu/int4_moe.h"
+#include "cpu/mla_decode.h"
 #include "cpu/moe_route.h"
 
 namespace {
@@ -33,9 +35,131 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits, const
   return {weights, ids};
 }
 
+at::Tensor int4_moe_experts_cpu(const at::Tensor& x, const at::Tensor& w13_packed,
+                                const at::Tensor& w13_scale, const at::Tensor& w2_packed,
+                                const at::Tensor& w2_scale, const at::Tensor& topk_weights,
+                                const at::Tensor& topk_ids, int64_t group_size) {
+  for (const at::Tensor* t :
+       {&x, &w13_packed, &w13_scale, &w2_packed, &w2_scale, &topk_weights, &topk_ids}) {
+    TORCH_CHECK(t->device().is_cpu(), "int4_moe_experts: all tensors must be on the CPU");
+  }
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "int4_moe_experts: x must be a 2-D float32 or bfloat16 tensor [T, H], got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(w13_packed.scalar_type() == at::kInt && w2_packed.scalar_type() == at::kInt,
+              "int4_moe_experts: w13_packed and w2_packed must be int32");
+  TORCH_CHECK(w13_scale.scalar_type() == at::kBFloat16 && w2_scale.scalar_type() == at::kBFloat16,
+              "int4_moe_experts: w13_scale and w2_scale must be bfloat16");
+  TORCH_CHECK(topk_weights.scalar_type() == at::kFloat && topk_ids.scalar_type() == at::kInt,
+              "int4_moe_experts: topk_weights must be float32 and topk_ids int32");
+  TORCH_CHECK(
+      w13_packed.dim() == 3 && w2_packed.dim() == 3 && w13_scale.dim() == 3 && w2_scale.dim() == 3,
+      "int4_moe_experts: packed weights and scales must be 3-D [E, rows, cols]");
+  const int64_t num_tokens = x.size(0), hidden = x.size(1);
+  const int64_t num_experts = w13_packed.size(0), inter = w13_packed.size(1) / 2;
+  TORCH_CHECK(hidden % 8 == 0, "int4_moe_experts: hidden size ", hidden,
+              " must be a multiple of 8");
+  TORCH_CHECK(
+      inter % 8 == 0 && w13_packed.size(1) == 2 * inter && inter > 0,
+      "int4_moe_experts: w13_packed rows must be 2 * I with I a positive multiple of 8, got ",
+      w13_packed.size(1));
+  TORCH_CHECK(
+      group_size > 0 && group_size % 8 == 0 && hidden % group_size == 0 && inter % group_size == 0,
+      "int4_moe_experts: group_size ", group_size, " must be a multiple of 8 dividing H=", hidden,
+      " and I=", inter);
+  TORCH_CHECK(w13_packed.sizes() == at::IntArrayRef({num_experts, 2 * inter, hidden / 8}),
+              "int4_moe_experts: w13_packed must be [E, 2I, H/8], got ", w13_packed.sizes());
+  TORCH_CHECK(w13_scale.sizes() == at::IntArrayRef({num_experts, 2 * inter, hidden / group_size}),
+              "int4_moe_experts: w13_scale must be [E, 2I, H/group_size], got ", w13_scale.sizes());
+  TORCH_CHECK(w2_packed.sizes() == at::IntArrayRef({num_experts, hidden, inter / 8}),
+              "int4_moe_experts: w2_packed must be [E, H, I/8], got ", w2_packed.sizes());
+  TORCH_CHECK(w2_scale.sizes() == at::IntArrayRef({num_experts, hidden, inter / group_size}),
+              "int4_moe_experts: w2_scale must be [E, H, I/group_size], got ", w2_scale.sizes());
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == num_tokens &&
+                  topk_weights.sizes() == topk_ids.sizes(),
+              "int4_moe_experts: topk_weights and topk_ids must both be [T, k], got ",
+              topk_weights.sizes(), " and ", topk_ids.sizes());
+  const at::Tensor ids = topk_ids.contiguous();
+  if (ids.numel() > 0) {
+    TORCH_CHECK(ids.min().item<int32_t>() >= 0 && ids.max().item<int32_t>() < num_experts,
+                "int4_moe_experts: topk_ids must be in [0, ", num_experts, ")");
+  }
+  const at::Tensor xc = x.contiguous(), w13 = w13_packed.contiguous(), s13 = w13_scale.contiguous();
+  const at::Tensor w2 = w2_packed.contiguous(), s2 = w2_scale.contiguous();
+  const at::Tensor weights = topk_weights.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  kimi::int4_moe_experts_cpu_impl(
+      xc.data_ptr(), xc.scalar_type() == at::kBFloat16, w13.data_ptr<int32_t>(),
+      reinterpret_cast<const uint16_t*>(s13.data_ptr<at::BFloat16>()), w2.data_ptr<int32_t>(),
+      reinterpret_cast<const uint16_t*>(s2.data_ptr<at::BFloat16>()), weights.data_ptr<float>(),
+      ids.data_ptr<int32_t>(), num_tokens, hidden, inter, num_experts, ids.size(1), group_size,
+      out.data_ptr());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at::Tensor& kv_cache,
+                                                  const at::Tensor& block_table,
+                                                  const at::Tensor& seq_lens, double softmax_scale,
+                                                  int64_t kv_lora_rank) {
+  for (const at::Tensor* t : {&q, &kv_cache, &block_table, &seq_lens}) {
+    TORCH_CHECK(t->device().is_cpu(), "mla_decode: all tensors must be on the CPU");
+  }
+  TORCH_CHECK(q.dim() == 3 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "mla_decode: q must be a 3-D float32 or bfloat16 tensor [B, H, D], got ",
+              q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(kv_cache.dim() == 3 && kv_cache.scalar_type() == q.scalar_type() &&
+                  kv_cache.size(2) == q.size(2),
+              "mla_decode: kv_cache must be [num_pages, page_size, D] with q's dtype and D, got ",
+              kv_cache.scalar_type(), " ", kv_cache.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t num_pages = kv_cache.size(0), page_size = kv_cache.size(1);
+  TORCH_CHECK(kv_lora_rank > 0 && kv_lora_rank <= dim, "mla_decode: kv_lora_rank ", kv_lora_rank,
+              " must be in [1, D=", dim, "]");
+  TORCH_CHECK(page_size > 0, "mla_decode: page_size must be positive");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 &&
+                  block_table.size(0) == batch,
+              "mla_decode: block_table must be int32 [B, max_pages], got ",
+              block_table.scalar_type(), " ", block_table.sizes());
+  TORCH_CHECK(
+      seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == batch,
+      "mla_decode: seq_lens must be int32 [B], got ", seq_lens.scalar_type(), " ",
+      seq_lens.sizes());
+  const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
+  const int64_t max_pages = table.size(1);
+  const int32_t* table_ptr = table.data_ptr<int32_t>();
+  const int32_t* lens_ptr = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = lens_ptr[b];
+    TORCH_CHECK(len >= 1 && (len + page_size - 1) / page_size <= max_pages, "mla_decode: seq_lens[",
+                b, "]=", len, " must be >= 1 and fit ", max_pages, " pages of ", page_size);
+    for (int64_t p = 0; p < (len + page_size - 1) / page_size; ++p) {
+      const int32_t page = table_ptr[b * max_pages + p];
+      TORCH_CHECK(page >= 0 && page < num_pages, "mla_decode: block_table[", b, ", ", p, "]=", page,
+                  " is not a page id in [0, ", num_pages, ")");
+    }
+  }
+  const at::Tensor qc = q.contiguous(), kv = kv_cache.contiguous();
+  at::Tensor out = at::empty({batch, heads, kv_lora_rank}, qc.options());
+  at::Tensor lse = at::empty({batch, heads}, qc.options().dtype(at::kFloat));
+  kimi::mla_decode_cpu_impl(qc.data_ptr(), kv.data_ptr(), qc.scalar_type() == at::kBFloat16,
+                            table_ptr, lens_ptr, batch, heads, dim, kv_lora_rank, page_size,
+                            max_pages, static_cast<float>(softmax_scale), out.data_ptr(),
+                            lse.data_ptr<float>());
+  return {out, lse};
+}
+
 }  // namespace
+
+#ifdef KIMI_WITH_CUDA
+void kimi_register_cuda_ops(pybind11::module_& m);  // csrc/bindings_cuda.cpp
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kimi-grpc native kernels";
   m.def("moe_route_cpu", &moe_route_cpu, "noaux_tc top-k routing (CPU)");
+  m.def("int4_moe_experts_cpu", &int4_moe_experts_cpu, "INT4 MoE experts (CPU)");
+  m.def("mla_decode_cpu", &mla_decode_cpu, "absorbed-MLA paged decode attention (CPU)");
+#ifdef KIMI_WITH_CUDA
+  kimi_register_cuda_ops(m);
+#endif
 }
