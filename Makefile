@@ -34,6 +34,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/clang-format --dry-run --Werror $(NATIVE_SOURCES)
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/nvcc_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info kimi_grpc/_C*.so

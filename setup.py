@@ -1,11 +1,12 @@
 """Builds the ``kimi_grpc._C`` extension from csrc/ with torch's cpp_extension.
 
-CPU sources (csrc/bindings.cpp, csrc/cpu/*.cpp) are always compiled. CUDA sources (csrc/cuda/*.cu)
-are compiled only when the installed torch is a CUDA build (``torch.version.cuda``) — never merely
-because nvcc exists — unless ``KIMI_GRPC_BUILD_CUDA=0``. ``KIMI_GRPC_BUILD_EXT=0`` skips the
-extension entirely (the package then runs on its PyTorch reference ops).
-Install with ``pip install --no-build-isolation -e .`` so the extension builds against the torch
-already installed (build isolation would fetch another torch and risk an ABI mismatch).
+CPU sources (csrc/bindings.cpp, csrc/cpu/*.cpp) are always compiled. CUDA sources (csrc/cuda/*.cu
+and their bindings, csrc/bindings_cuda.cpp) are compiled only when the installed torch is a CUDA
+build (``torch.version.cuda``) — never merely because nvcc exists — unless
+``KIMI_GRPC_BUILD_CUDA=0``. ``KIMI_GRPC_BUILD_EXT=0`` skips the extension entirely (the package
+then runs on its PyTorch reference ops). Install with ``pip install --no-build-isolation -e .``
+so the extension builds against the torch already installed (build isolation would fetch another
+torch and risk an ABI mismatch).
 """
 
 import os
@@ -36,7 +37,7 @@ def extension_modules():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
         ext = CUDAExtension(
             "kimi_grpc._C",
-            sources + cuda_sources,
+            [*sources, "csrc/bindings_cuda.cpp", *cuda_sources],
             include_dirs=[str(ROOT / "csrc")],
             define_macros=[("KIMI_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},

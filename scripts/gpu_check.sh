@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The one GPU script (DESIGN.md "The GPU"): on a fresh machine with PyTorch+CUDA and nvcc, no
+# network: build the extension for sm_90a, run the cuda-marked tests, the kernel benchmark, and an
+# end-to-end A/B (greedy tokens with --ops native vs reference on a real-width checkpoint); print
+# one table last and write JSON + logs under $OUT. Budget: under 7 minutes.
+#
+#   OUT=/tmp/gpu PYTHON=python3 CKPT_PRESET=k2-shape-layers2 bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kimi-gpu-check}
+PY=${PYTHON:-python3}
+PRESET=${CKPT_PRESET:-k2-shape-layers2}
+mkdir -p "$OUT"
+declare -a ROWS=()
+
+run_step() {  # run_step NAME TIMEOUT_S CMD...: logs to $OUT/NAME.log, records status and seconds
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local status=ok
+  [[ $rc -eq 124 ]] && status="timeout(${limit}s)"
+  [[ $rc -ne 0 && $rc -ne 124 ]] && status="FAIL(rc=$rc)"
+  ROWS+=("$name|$status|$((SECONDS - t0))")
+  echo "== $name: $status ($((SECONDS - t0)) s)"
+  tail -n 5 "$OUT/$name.log"
+}
+
+nvidia-smi -L >"$OUT/nvidia-smi.txt" 2>&1 || true
+run_step nvcc_check 120 bash scripts/nvcc_check.sh
+# In-place build against the machine's torch (no pip, no network): CUDA sources included.
+run_step build 600 env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 "$PY" setup.py build_ext --inplace
+run_step cuda_tests 300 "$PY" -m pytest -q -m cuda tests/ --junitxml="$OUT/cuda-tests.xml" \
+  -p no:cacheprovider
+# bench/kernels.py measures the CPU kernels today; its CUDA half (copy bandwidth and bf16 GEMM
+# peaks first, then each CUDA kernel against them) arrives with the CUDA GEMM and decode kernels.
+run_step checkpoint 300 "$PY" -c "
+from kimi_grpc.checkpoint_maker import make_checkpoint
+make_checkpoint('$OUT/ckpt-$PRESET', '$PRESET', seed=0)"
+run_step ab_generate 300 "$PY" - "$OUT/ckpt-$PRESET" "$OUT/ab.json" <<'EOF'
+import json, sys, time
+from kimi_grpc import ops
+from kimi_grpc.engine.llm import LLM
+from kimi_grpc.sampling_params import SamplingParams
+
+path, out = sys.argv[1], sys.argv[2]
+llm = LLM(path, device="cuda", dtype="bfloat16", kv_cache_memory=8 << 30, max_model_len=4096)
+prompts = [[11 + i for i in range(40)], [500 + 3 * i for i in range(200)]]
+params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+result = {}
+for backend in ("reference", "native", "reference"):
+    ops.set_backend(backend)
+    t0 = time.perf_counter()
+    tokens = [o.token_ids for o in llm.generate(prompts, params)]
+    result.setdefault(backend, []).append({"tokens": tokens, "s": time.perf_counter() - t0})
+same = result["native"][0]["tokens"] == result["reference"][0]["tokens"]
+result["identical_greedy_tokens"] = same
+json.dump(result, open(out, "w"))
+print(f"identical greedy tokens native vs reference: {same}")
+sys.exit(0 if same else 1)
+EOF
+
+{
+  echo
+  echo "kimi-grpc gpu_check  commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')  $(head -1 "$OUT/nvidia-smi.txt")"
+  printf '%-14s %-16s %6s\n' step status seconds
+  for row in "${ROWS[@]}"; do
+    IFS='|' read -r name status secs <<<"$row"
+    printf '%-14s %-16s %6s\n' "$name" "$status" "$secs"
+  done
+} | tee "$OUT/table.txt"
+"$PY" - "$OUT" "${ROWS[@]}" <<'EOF'
+import json, sys
+out, rows = sys.argv[1], sys.argv[2:]
+steps = [dict(zip(("step", "status", "seconds"), r.split("|"))) for r in rows]
+json.dump({"steps": steps}, open(f"{out}/gpu_check.json", "w"), indent=1)
+EOF
+for row in "${ROWS[@]}"; do [[ $row == *"|ok|"* ]] || exit 1; done
