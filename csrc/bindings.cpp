@@ -156,9 +156,12 @@ void kimi_register_cuda_ops(pybind11::module_& m);  // csrc/bindings_cuda.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kimi-grpc native kernels";
-  m.def("moe_route_cpu", &moe_route_cpu, "noaux_tc top-k routing (CPU)");
-  m.def("int4_moe_experts_cpu", &int4_moe_experts_cpu, "INT4 MoE experts (CPU)");
-  m.def("mla_decode_cpu", &mla_decode_cpu, "absorbed-MLA paged decode attention (CPU)");
+  // The kernels release the GIL: the engine thread computes while the server's event loop
+  // (another Python thread) streams tokens.
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("moe_route_cpu", &moe_route_cpu, "noaux_tc top-k routing (CPU)", nogil);
+  m.def("int4_moe_experts_cpu", &int4_moe_experts_cpu, "INT4 MoE experts (CPU)", nogil);
+  m.def("mla_decode_cpu", &mla_decode_cpu, "absorbed-MLA paged decode attention (CPU)", nogil);
 #ifdef KIMI_WITH_CUDA
   kimi_register_cuda_ops(m);
 #endif

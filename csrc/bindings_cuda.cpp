@@ -46,5 +46,6 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, cons
 }  // namespace
 
 void kimi_register_cuda_ops(pybind11::module_& m) {
-  m.def("moe_route_cuda", &moe_route_cuda, "noaux_tc top-k routing (CUDA)");
+  m.def("moe_route_cuda", &moe_route_cuda, "noaux_tc top-k routing (CUDA)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

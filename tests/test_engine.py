@@ -396,3 +396,37 @@ def test_async_generate_passes_the_session(demo):
         llm.shutdown()
     assert seen == ["agent-7", None]
     assert tokens == alone(demo, [[1, 2, 3]], params)[0]
+
+
+def test_async_coalesce_merges_a_lagging_consumers_deltas(demo):
+    engine = make_engine(demo)
+    llm = AsyncLLM(engine)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1, n=2)
+
+    async def consume(coalesce: bool, delay: float):
+        per_index: dict[int, tuple[list, str, int]] = {0: ([], "", 0), 1: ([], "", 0)}
+        deltas = finished = 0
+        async for delta in llm.generate([3, 1, 4, 1, 5], params, coalesce=coalesce):
+            tokens, text, logprobs = per_index[delta.index]
+            per_index[delta.index] = (
+                tokens + delta.token_ids,
+                text + delta.text,
+                logprobs + len(delta.logprobs),
+            )
+            deltas += 1
+            finished += delta.finished
+            await asyncio.sleep(delay)
+        return per_index, deltas, finished
+
+    async def main():
+        plain = await consume(False, 0)
+        merged = await consume(True, 0.05)  # a slow reader: the queue backs up
+        return plain, merged
+
+    try:
+        (want, plain_deltas, _), (got, merged_deltas, finished) = asyncio.run(main())
+    finally:
+        llm.shutdown()
+    assert got == want and finished == 2  # same tokens, text and logprobs per completion
+    assert all(lp == len(t) for t, _, lp in got.values())
+    assert merged_deltas < plain_deltas == 48

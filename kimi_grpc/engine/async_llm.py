@@ -9,6 +9,7 @@ iterating (cancellation, client disconnect, ``break``) aborts its request, which
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -56,10 +57,14 @@ class AsyncLLM:
         request_id: str | None = None,
         priority: int = 0,
         session_id: str | None = None,
+        coalesce: bool = False,
     ) -> AsyncIterator[SequenceDelta]:
         """Streams the request's deltas until all ``params.n`` completions finish. Validation
         errors are raised here, before the first delta. ``session_id``: the client session for
-        session-fair admission (see ``LLMEngine.add_request``)."""
+        session-fair admission (see ``LLMEngine.add_request``). ``coalesce``: when the consumer
+        has fallen behind, merge the deltas already queued for a completion into one (fewer,
+        larger messages exactly when per-message cost is what holds the consumer back; a
+        consumer that keeps up still gets one delta per token)."""
         if self.errored is not None:
             raise EngineDeadError(f"engine loop failed: {self.errored!r}")
         loop = asyncio.get_running_loop()
@@ -72,8 +77,15 @@ class AsyncLLM:
         remaining = params.n
         try:
             await accepted
+            ready: list = []  # drained from the queue, in delivery order
             while remaining:
-                item = await stream.queue.get()
+                if not ready:
+                    ready.append(await stream.queue.get())
+                    while coalesce and not stream.queue.empty():
+                        ready.append(stream.queue.get_nowait())
+                    if coalesce:
+                        ready = _coalesce(ready)
+                item = ready.pop(0)
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:
@@ -147,6 +159,33 @@ class AsyncLLM:
                     del self._streams[delta.request_id]
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _coalesce(items: list) -> list:
+    """One delta per completion index (in order of first appearance) for the deltas before any
+    error; an error keeps its place after them."""
+    merged: dict[int, SequenceDelta] = {}
+    out: list = []
+    for item in items:
+        if isinstance(item, BaseException):
+            out += [*merged.values(), item]
+            merged.clear()
+        elif item.index in merged:
+            merged[item.index] = _merge(merged[item.index], item)
+        else:
+            merged[item.index] = item
+    return out + list(merged.values())
+
+
+def _merge(first: SequenceDelta, second: SequenceDelta) -> SequenceDelta:
+    """Two consecutive deltas of one completion as one (the later one's end state)."""
+    return dataclasses.replace(
+        second,
+        token_ids=first.token_ids + second.token_ids,
+        text=first.text + second.text,
+        logprobs=first.logprobs + second.logprobs,
+        queue_time=first.queue_time if first.queue_time is not None else second.queue_time,
+    )
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:

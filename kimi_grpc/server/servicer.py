@@ -114,6 +114,7 @@ class InferenceServicer:
                 request_id=request_id,
                 priority=request.priority,
                 session_id=request.session_id or None,
+                coalesce=True,
             )
             counts = [0] * params.n
             try:
