@@ -22,36 +22,15 @@
 #include <cstring>
 #include <vector>
 
-// AVX2/FMA clone selected at load time (ifunc) next to the baseline x86-64 one.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KIMI_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define KIMI_SIMD_CLONES
-#endif
-// Helpers are forced inline so that they are compiled into each clone.
-#define KIMI_INLINE inline __attribute__((always_inline))
+#include "simd.h"
 
 namespace kimi {
 namespace {
 
+using namespace simd;  // NOLINT(build/namespaces): the helpers read as local ones
+
 constexpr int64_t kPack = 8;          // int4 values per int32 word
 constexpr int64_t kGateUpChunk = 32;  // gate/up rows per work item
-
-KIMI_INLINE float bf16_to_f32(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// Round-to-nearest-even, NaN kept quiet (as torch's float -> bfloat16 conversion).
-KIMI_INLINE uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if (std::isnan(f)) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 // src: [n_words * 8] in natural order -> dst deinterleaved (dst[j * n_words + w] = src[8w + j]).
 template <typename Load>
@@ -59,26 +38,6 @@ KIMI_INLINE void deinterleave(Load load, int64_t n_words, float* dst) {
   for (int64_t w = 0; w < n_words; ++w) {
     for (int64_t j = 0; j < kPack; ++j) dst[j * n_words + w] = load(w * kPack + j);
   }
-}
-
-// 8-float / 8-int vectors (GCC vector extensions): one AVX2 register in the x86-64-v3 clone, two
-// SSE registers in the baseline one. Unaligned loads and stores go through memcpy.
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-KIMI_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-KIMI_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-
-KIMI_INLINE float hsum(v8f v) {
-  float s = 0.0f;
-  for (int j = 0; j < 8; ++j) s += v[j];
-  return s;
 }
 
 // Dequantizes one packed row of n_words words into dst in the deinterleaved layout:

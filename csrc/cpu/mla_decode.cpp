@@ -17,54 +17,15 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KIMI_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define KIMI_SIMD_CLONES
-#endif
-// Helpers are forced inline so that they are compiled into each clone.
-#define KIMI_INLINE inline __attribute__((always_inline))
+#include "simd.h"
 
 namespace kimi {
 namespace {
 
+using namespace simd;  // NOLINT(build/namespaces): the helpers read as local ones
+
 constexpr int64_t kBlock = 32;      // tokens per online-softmax block
 constexpr int64_t kMinSplit = 256;  // fewest tokens per split-KV item
-
-KIMI_INLINE float bf16_to_f32(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-KIMI_INLINE uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if (std::isnan(f)) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-// 8-float / 8-int vectors (GCC vector extensions): one AVX2 register in the x86-64-v3 clone, two
-// SSE registers in the baseline one. Unaligned loads and stores go through memcpy.
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-KIMI_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-KIMI_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-
-KIMI_INLINE float hsum(v8f v) {
-  float s = 0.0f;
-  for (int j = 0; j < 8; ++j) s += v[j];
-  return s;
-}
 
 // e^x per lane (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n by exponent bits);
 // relative error ~1e-7, inputs clamped to [-87.3, 88.3] (e^-87.3 ~ 1e-38 stands in for 0).
