@@ -40,7 +40,7 @@ def extension_modules():
             [*sources, "csrc/bindings_cuda.cpp", *cuda_sources],
             include_dirs=[str(ROOT / "csrc")],
             define_macros=[("KIMI_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -5,6 +5,7 @@
 #include "cpu/int4_moe.h"
 #include "cpu/mla_decode.h"
 #include "cpu/moe_route.h"
+#include "op_checks.h"
 
 namespace {
 
@@ -46,43 +47,14 @@ at::Tensor int4_moe_experts_cpu(const at::Tensor& x, const at::Tensor& w13_packe
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "int4_moe_experts: x must be a 2-D float32 or bfloat16 tensor [T, H], got ",
               x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(w13_packed.scalar_type() == at::kInt && w2_packed.scalar_type() == at::kInt,
-              "int4_moe_experts: w13_packed and w2_packed must be int32");
-  TORCH_CHECK(w13_scale.scalar_type() == at::kBFloat16 && w2_scale.scalar_type() == at::kBFloat16,
-              "int4_moe_experts: w13_scale and w2_scale must be bfloat16");
-  TORCH_CHECK(topk_weights.scalar_type() == at::kFloat && topk_ids.scalar_type() == at::kInt,
-              "int4_moe_experts: topk_weights must be float32 and topk_ids int32");
-  TORCH_CHECK(
-      w13_packed.dim() == 3 && w2_packed.dim() == 3 && w13_scale.dim() == 3 && w2_scale.dim() == 3,
-      "int4_moe_experts: packed weights and scales must be 3-D [E, rows, cols]");
-  const int64_t num_tokens = x.size(0), hidden = x.size(1);
-  const int64_t num_experts = w13_packed.size(0), inter = w13_packed.size(1) / 2;
-  TORCH_CHECK(hidden % 8 == 0, "int4_moe_experts: hidden size ", hidden,
-              " must be a multiple of 8");
-  TORCH_CHECK(
-      inter % 8 == 0 && w13_packed.size(1) == 2 * inter && inter > 0,
-      "int4_moe_experts: w13_packed rows must be 2 * I with I a positive multiple of 8, got ",
-      w13_packed.size(1));
-  TORCH_CHECK(
-      group_size > 0 && group_size % 8 == 0 && hidden % group_size == 0 && inter % group_size == 0,
-      "int4_moe_experts: group_size ", group_size, " must be a multiple of 8 dividing H=", hidden,
-      " and I=", inter);
-  TORCH_CHECK(w13_packed.sizes() == at::IntArrayRef({num_experts, 2 * inter, hidden / 8}),
-              "int4_moe_experts: w13_packed must be [E, 2I, H/8], got ", w13_packed.sizes());
-  TORCH_CHECK(w13_scale.sizes() == at::IntArrayRef({num_experts, 2 * inter, hidden / group_size}),
-              "int4_moe_experts: w13_scale must be [E, 2I, H/group_size], got ", w13_scale.sizes());
-  TORCH_CHECK(w2_packed.sizes() == at::IntArrayRef({num_experts, hidden, inter / 8}),
-              "int4_moe_experts: w2_packed must be [E, H, I/8], got ", w2_packed.sizes());
-  TORCH_CHECK(w2_scale.sizes() == at::IntArrayRef({num_experts, hidden, inter / group_size}),
-              "int4_moe_experts: w2_scale must be [E, H, I/group_size], got ", w2_scale.sizes());
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == num_tokens &&
-                  topk_weights.sizes() == topk_ids.sizes(),
-              "int4_moe_experts: topk_weights and topk_ids must both be [T, k], got ",
-              topk_weights.sizes(), " and ", topk_ids.sizes());
+  const kimi::MoeShape shape = kimi::check_int4_moe_args(
+      x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weights, topk_ids, group_size, 8);
+  const int64_t num_tokens = shape.num_tokens, hidden = shape.hidden, inter = shape.inter;
+  const int64_t num_experts = shape.num_experts;
   const at::Tensor ids = topk_ids.contiguous();
   if (ids.numel() > 0) {
-    TORCH_CHECK(ids.min().item<int32_t>() >= 0 && ids.max().item<int32_t>() < num_experts,
-                "int4_moe_experts: topk_ids must be in [0, ", num_experts, ")");
+    TORCH_CHECK(ids.max().item<int32_t>() < num_experts, "int4_moe_experts: topk_ids must be < ",
+                num_experts, " (negative ids are skipped)");
   }
   const at::Tensor xc = x.contiguous(), w13 = w13_packed.contiguous(), s13 = w13_scale.contiguous();
   const at::Tensor w2 = w2_packed.contiguous(), s2 = w2_scale.contiguous();

@@ -4,7 +4,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include "cuda/int4_moe.cuh"
+#include "cuda/mla_decode.cuh"
 #include "cuda/moe_route.cuh"
+#include "op_checks.h"
 
 namespace {
 
@@ -43,9 +46,120 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, cons
   return {weights, ids};
 }
 
+void check_cuda_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+
+at::Tensor int4_moe_experts_cuda(const at::Tensor& x, const at::Tensor& w13_packed,
+                                 const at::Tensor& w13_scale, const at::Tensor& w2_packed,
+                                 const at::Tensor& w2_scale, const at::Tensor& topk_weights,
+                                 const at::Tensor& topk_ids, int64_t group_size) {
+  for (const at::Tensor* t :
+       {&x, &w13_packed, &w13_scale, &w2_packed, &w2_scale, &topk_weights, &topk_ids}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == x.device(),
+                "int4_moe_experts: all tensors must be on the same CUDA device");
+  }
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16,
+              "int4_moe_experts: x must be a 2-D bfloat16 tensor [T, H] on CUDA, got ",
+              x.scalar_type(), " ", x.sizes());
+  const kimi::MoeShape shape = kimi::check_int4_moe_args(
+      x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weights, topk_ids, group_size, 32);
+  TORCH_CHECK(shape.num_experts <= 2048 && shape.top_k <= 32,
+              "int4_moe_experts: CUDA routes at most 2048 experts and top-32, got ",
+              shape.num_experts, " experts, top-", shape.top_k);
+  const int64_t num_tokens = shape.num_tokens;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), w13 = w13_packed.contiguous(), s13 = w13_scale.contiguous();
+  const at::Tensor w2 = w2_packed.contiguous(), s2 = w2_scale.contiguous();
+  const at::Tensor weights = topk_weights.contiguous(), ids = topk_ids.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  if (num_tokens == 0 || ids.size(1) == 0) return out.zero_();
+  kimi::Int4MoeArgs args{cptr<__nv_bfloat16>(xc),
+                         w13.data_ptr<int32_t>(),
+                         cptr<__nv_bfloat16>(s13),
+                         w2.data_ptr<int32_t>(),
+                         cptr<__nv_bfloat16>(s2),
+                         weights.data_ptr<float>(),
+                         ids.data_ptr<int32_t>(),
+                         reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                         num_tokens,
+                         shape.hidden,
+                         shape.inter,
+                         shape.num_experts,
+                         shape.top_k,
+                         group_size};
+  at::Tensor workspace = at::empty({static_cast<int64_t>(kimi::int4_moe_workspace_bytes(args))},
+                                   xc.options().dtype(at::kByte));
+  check_cuda_launch(
+      kimi::int4_moe_cuda_launch(args, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+      "int4_moe_experts");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at::Tensor& kv_cache,
+                                                   const at::Tensor& block_table,
+                                                   const at::Tensor& seq_lens, double softmax_scale,
+                                                   int64_t kv_lora_rank) {
+  for (const at::Tensor* t : {&q, &kv_cache, &block_table, &seq_lens}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == q.device(),
+                "mla_decode: all tensors must be on the same CUDA device");
+  }
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kBFloat16,
+              "mla_decode: q must be a 3-D bfloat16 tensor [B, H, D] on CUDA");
+  TORCH_CHECK(kv_cache.dim() == 3 && kv_cache.scalar_type() == at::kBFloat16 &&
+                  kv_cache.size(1) == kimi::kMlaPageSize && kv_cache.size(2) == q.size(2),
+              "mla_decode: kv_cache must be bfloat16 [num_pages, ", kimi::kMlaPageSize,
+              ", D] on CUDA, got ", kv_cache.sizes());
+  TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
+                  block_table.size(0) == q.size(0) && block_table.size(1) >= 1,
+              "mla_decode: block_table must be int32 [B, max_pages]");
+  TORCH_CHECK(
+      seq_lens.dim() == 1 && seq_lens.scalar_type() == at::kInt && seq_lens.size(0) == q.size(0),
+      "mla_decode: seq_lens must be int32 [B]");
+  const int64_t dim = q.size(2);
+  TORCH_CHECK(dim % 16 == 0 && dim <= kimi::kMlaMaxDim,
+              "mla_decode: CUDA needs D a multiple of 16 and <= ", kimi::kMlaMaxDim, ", got ", dim);
+  TORCH_CHECK(kv_lora_rank > 0 && kv_lora_rank % 8 == 0 && kv_lora_rank <= dim &&
+                  kv_lora_rank <= kimi::kMlaMaxRank,
+              "mla_decode: kv_lora_rank must be a multiple of 8 in (0, min(D, ", kimi::kMlaMaxRank,
+              ")], got ", kv_lora_rank);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.contiguous(), kv = kv_cache.contiguous();
+  const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1);
+  at::Tensor out = at::empty({batch, heads, kv_lora_rank}, q.options());
+  at::Tensor lse = at::empty({batch, heads}, q.options().dtype(at::kFloat));
+  kimi::MlaDecodeArgs args{cptr<__nv_bfloat16>(qc),
+                           cptr<__nv_bfloat16>(kv),
+                           table.data_ptr<int32_t>(),
+                           lens.data_ptr<int32_t>(),
+                           reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                           lse.data_ptr<float>(),
+                           batch,
+                           heads,
+                           dim,
+                           kv_lora_rank,
+                           table.size(1),
+                           static_cast<float>(softmax_scale)};
+  if (batch == 0) return {out, lse};
+  at::Tensor workspace = at::empty({static_cast<int64_t>(kimi::mla_decode_workspace_bytes(args))},
+                                   q.options().dtype(at::kByte));
+  check_cuda_launch(
+      kimi::mla_decode_cuda_launch(args, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+      "mla_decode");
+  return {out, lse};
+}
+
 }  // namespace
 
 void kimi_register_cuda_ops(pybind11::module_& m) {
-  m.def("moe_route_cuda", &moe_route_cuda, "noaux_tc top-k routing (CUDA)",
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("moe_route_cuda", &moe_route_cuda, "noaux_tc top-k routing (CUDA)", nogil);
+  m.def("int4_moe_experts_cuda", &int4_moe_experts_cuda, "INT4 MoE experts (CUDA)", nogil);
+  m.def("mla_decode_cuda", &mla_decode_cuda, "absorbed-MLA paged decode (CUDA)", nogil);
 }

@@ -33,8 +33,9 @@ run_step nvcc_check 120 bash scripts/nvcc_check.sh
 run_step build 600 env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 run_step cuda_tests 300 "$PY" -m pytest -q -m cuda tests/ --junitxml="$OUT/cuda-tests.xml" \
   -p no:cacheprovider
-# bench/kernels.py measures the CPU kernels today; its CUDA half (copy bandwidth and bf16 GEMM
-# peaks first, then each CUDA kernel against them) arrives with the CUDA GEMM and decode kernels.
+# Peaks first (copy/read bandwidth, bf16 GEMM), then every CUDA kernel as a ratio to them and to
+# its in-box baseline, graph-replayed over rotating buffer sets.
+run_step kernel_bench 300 "$PY" bench/kernels_cuda.py --quick --json "$OUT/kernels.json"
 run_step checkpoint 300 "$PY" -c "
 from kimi_grpc.checkpoint_maker import make_checkpoint
 make_checkpoint('$OUT/ckpt-$PRESET', '$PRESET', seed=0)"
@@ -54,10 +55,18 @@ for backend in ("reference", "native", "reference"):
     t0 = time.perf_counter()
     tokens = [o.token_ids for o in llm.generate(prompts, params)]
     result.setdefault(backend, []).append({"tokens": tokens, "s": time.perf_counter() - t0})
-same = result["native"][0]["tokens"] == result["reference"][0]["tokens"]
+native, ref = result["native"][0]["tokens"], result["reference"][0]["tokens"]
+same = native == ref
 result["identical_greedy_tokens"] = same
+result["first_divergence"] = [
+    next((i for i, (a, b) in enumerate(zip(n, r)) if a != b), None)
+    for n, r in zip(native, ref)
+]
 json.dump(result, open(out, "w"))
-print(f"identical greedy tokens native vs reference: {same}")
+print(f"identical greedy tokens native vs reference: {same}; first divergence per prompt: "
+      f"{result['first_divergence']}")
+for name in ("reference", "native"):
+    print(f"{name}: {[round(run['s'], 2) for run in result[name]]} s")
 sys.exit(0 if same else 1)
 EOF
 
@@ -69,6 +78,10 @@ EOF
     IFS='|' read -r name status secs <<<"$row"
     printf '%-14s %-16s %6s\n' "$name" "$status" "$secs"
   done
+  if [[ -s "$OUT/kernel_bench.log" ]]; then
+    echo
+    grep -A200 "^peaks:" "$OUT/kernel_bench.log"
+  fi
 } | tee "$OUT/table.txt"
 "$PY" - "$OUT" "${ROWS[@]}" <<'EOF'
 import json, sys

@@ -145,13 +145,17 @@ void int4_moe_experts_cpu_impl(const void* x, bool x_bf16, const int32_t* w13_pa
   const int64_t n_pairs = num_tokens * top_k;
   // 1. Pairs sorted by expert; expert_begin[e]..expert_begin[e + 1] index pair_token/pair_weight.
   std::vector<int64_t> expert_begin(num_experts + 1, 0);
-  for (int64_t p = 0; p < n_pairs; ++p) ++expert_begin[topk_ids[p] + 1];
+  for (int64_t p = 0; p < n_pairs; ++p) {
+    if (topk_ids[p] >= 0) ++expert_begin[topk_ids[p] + 1];
+  }
   for (int64_t e = 0; e < num_experts; ++e) expert_begin[e + 1] += expert_begin[e];
-  std::vector<int32_t> pair_token(n_pairs);
-  std::vector<float> pair_weight(n_pairs);
+  const int64_t n_routed = expert_begin[num_experts];  // pairs with a local expert
+  std::vector<int32_t> pair_token(n_routed);
+  std::vector<float> pair_weight(n_routed);
   {
     std::vector<int64_t> fill(expert_begin.begin(), expert_begin.end() - 1);
     for (int64_t p = 0; p < n_pairs; ++p) {  // p = t * top_k + slot: tokens ascending
+      if (topk_ids[p] < 0) continue;         // an expert of another rank
       const int64_t slot = fill[topk_ids[p]]++;
       pair_token[slot] = static_cast<int32_t>(p / top_k);
       pair_weight[slot] = topk_weights[p];
@@ -167,7 +171,7 @@ void int4_moe_experts_cpu_impl(const void* x, bool x_bf16, const int32_t* w13_pa
   std::vector<float> out_buf(x_bf16 ? num_tokens * hidden : 0);
   float* out_f = x_bf16 ? out_buf.data() : static_cast<float*>(out);
   std::fill(out_f, out_f + num_tokens * hidden, 0.0f);
-  if (n_pairs == 0) {
+  if (n_routed == 0) {
     if (x_bf16) std::fill_n(static_cast<uint16_t*>(out), num_tokens * hidden, uint16_t{0});
     return;
   }
@@ -175,7 +179,7 @@ void int4_moe_experts_cpu_impl(const void* x, bool x_bf16, const int32_t* w13_pa
   // 2. Deinterleaved fp32 copy of x: xp[t * H + j * (H/8) + w] = x[t, 8w + j].
   std::vector<float> xp(num_tokens * hidden);
   const int64_t x_words = hidden / kPack;
-  const bool big = n_pairs * hidden * inter >= (int64_t{1} << 16);  // else one thread is faster
+  const bool big = n_routed * hidden * inter >= (int64_t{1} << 16);  // else one thread is faster
 #pragma omp parallel for schedule(static) if (big && num_tokens > 1)
   for (int64_t t = 0; t < num_tokens; ++t) {
     if (x_bf16) {
@@ -188,7 +192,7 @@ void int4_moe_experts_cpu_impl(const void* x, bool x_bf16, const int32_t* w13_pa
   }
 
   // 3. Gate/up: act[pair, I] (pairs in expert order), deinterleaved.
-  std::vector<float> act(n_pairs * inter);
+  std::vector<float> act(n_routed * inter);
   const int64_t chunks = (inter + kGateUpChunk - 1) / kGateUpChunk;
   const int64_t h_scales = hidden / group_size, i_scales = inter / group_size;
 #pragma omp parallel if (big)

@@ -69,6 +69,32 @@ def native_available(name: str, device_type: str) -> bool:
     return _native_op(name, device_type) is not None
 
 
+# The CUDA kernels' envelope (csrc/cuda/*.cuh); shapes outside it (toy widths, fp32 models) run the
+# reference. Kimi K2.x and the k2-shape presets are inside it.
+def _cuda_moe_supported(x: torch.Tensor, w13_packed: torch.Tensor, group_size: int) -> bool:
+    hidden, inter = x.shape[-1], w13_packed.shape[1] // 2
+    return (
+        x.dtype == torch.bfloat16
+        and hidden % 32 == 0
+        and inter % 32 == 0
+        and group_size % 32 == 0
+        and w13_packed.shape[0] <= 2048
+    )
+
+
+def _cuda_mla_supported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> bool:
+    dim = q.shape[-1]
+    return (
+        q.dtype == torch.bfloat16
+        and kv_cache.dtype == torch.bfloat16
+        and kv_cache.shape[1] == 64
+        and dim % 16 == 0
+        and dim <= 576
+        and kv_lora_rank % 8 == 0
+        and kv_lora_rank <= 512
+    )
+
+
 def moe_route(
     router_logits: torch.Tensor,
     correction_bias: torch.Tensor | None,
@@ -134,12 +160,17 @@ def int4_moe_experts(
             as in compressed-tensors (see ``kimi_grpc.int4``).
         w13_scale: ``[E, 2I, H/group_size]`` bf16.
         w2_packed: ``[E, H, I/8]`` int32 (down_proj); w2_scale ``[E, H, I/group_size]`` bf16.
-        topk_weights: ``[T, k]`` float32; topk_ids ``[T, k]`` int32 (from :func:`moe_route`).
+        topk_weights: ``[T, k]`` float32; topk_ids ``[T, k]`` int32 (from :func:`moe_route`),
+            ``< E``; a negative id is skipped (expert parallelism: a slot whose expert lives on
+            another rank contributes nothing here).
     Returns:
-        ``[T, H]`` in ``x.dtype``: ``Σ_k w[t,k] · down_e(silu(gate_e(x_t)) * up_e(x_t))``,
-        accumulated in float32.
+        ``[T, H]`` in ``x.dtype``: ``Σ_k w[t,k] · down_e(silu(gate_e(x_t)) * up_e(x_t))`` over the
+        slots with ``e = ids[t,k] >= 0``, accumulated in float32. Deterministic: the same inputs
+        give the same bits regardless of how the other tokens of the batch were routed.
     """
     native = _native_op("int4_moe_experts", x.device.type)
+    if native is not None and x.is_cuda and not _cuda_moe_supported(x, w13_packed, group_size):
+        native = None
     fn = native if native is not None else reference.int4_moe_experts
     return fn(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weights, topk_ids, group_size)
 
@@ -182,5 +213,7 @@ def mla_decode(
         scaled scores, for split-KV combines).
     """
     native = _native_op("mla_decode", q.device.type)
+    if native is not None and q.is_cuda and not _cuda_mla_supported(q, kv_cache, kv_lora_rank):
+        native = None
     fn = native if native is not None else reference.mla_decode
     return fn(q, kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank)

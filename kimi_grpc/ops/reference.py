@@ -55,6 +55,8 @@ def _moe_experts(
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     ids = topk_ids.long()
     for expert in torch.unique(ids).tolist():
+        if expert < 0:  # a slot routed to another expert-parallel rank's expert
+            continue
         token_idx, slot = torch.where(ids == expert)
         gate, up = F.linear(x[token_idx], gate_up_weight(expert)).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down_weight(expert))
