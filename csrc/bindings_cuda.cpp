@@ -50,6 +50,13 @@ void check_cuda_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// The kernels read with 16-byte vector loads: a contiguous view at an unaligned storage offset is
+// copied to a fresh (aligned) allocation.
+at::Tensor aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 template <typename T>
 const T* cptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());
@@ -74,8 +81,8 @@ at::Tensor int4_moe_experts_cuda(const at::Tensor& x, const at::Tensor& w13_pack
               shape.num_experts, " experts, top-", shape.top_k);
   const int64_t num_tokens = shape.num_tokens;
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous(), w13 = w13_packed.contiguous(), s13 = w13_scale.contiguous();
-  const at::Tensor w2 = w2_packed.contiguous(), s2 = w2_scale.contiguous();
+  const at::Tensor xc = aligned16(x), w13 = aligned16(w13_packed), s13 = w13_scale.contiguous();
+  const at::Tensor w2 = aligned16(w2_packed), s2 = w2_scale.contiguous();
   const at::Tensor weights = topk_weights.contiguous(), ids = topk_ids.contiguous();
   at::Tensor out = at::empty_like(xc);
   if (num_tokens == 0 || ids.size(1) == 0) return out.zero_();
@@ -129,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at
               "mla_decode: kv_lora_rank must be a multiple of 8 in (0, min(D, ", kimi::kMlaMaxRank,
               ")], got ", kv_lora_rank);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kv = kv_cache.contiguous();
+  const at::Tensor qc = aligned16(q), kv = aligned16(kv_cache);
   const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
   const int64_t batch = q.size(0), heads = q.size(1);
   at::Tensor out = at::empty({batch, heads, kv_lora_rank}, q.options());

@@ -165,7 +165,10 @@ def test_int4_moe_edge_routing():
     for lo in (0, half):
         local = torch.where((ids >= lo) & (ids < lo + half), ids - lo, -1).to(torch.int32)
         parts.append(fn(x, *[t[lo : lo + half] for t in w], tw, local, 32).float())
-    torch.testing.assert_close(parts[0] + parts[1], full, atol=2e-2, rtol=2e-2)
+    # Each half is rounded to bf16 on its own: compare on the output's scale.
+    torch.testing.assert_close(
+        parts[0] + parts[1], full, atol=2e-2 * full.abs().max().item(), rtol=0
+    )
     _poison_allocator()
     nothing = fn(x, *w, tw, torch.full_like(ids, -1), 32)
     assert torch.equal(nothing, torch.zeros_like(x))
@@ -218,6 +221,7 @@ MLA_CASES = [
     ([65], 8, 576, 512),
     ([1, 100, 4097], 8, 576, 512),
     ([16384], 8, 576, 512),
+    ([16384, 16385], 8, 576, 512),  # 256 and 257 pages: 64 and 52 splits in one batch
     ([70000], 8, 576, 512),
     ([4096] * 32, 8, 576, 512),
     ([257, 31, 1000, 5000], 64, 576, 512),
@@ -240,11 +244,15 @@ def test_mla_decode_matches_reference(lens, heads, dim, rank):
     )
     assert out.dtype == torch.bfloat16 and out.shape == (len(lens), heads, rank)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    torch.testing.assert_close(out.float(), want_out, atol=2e-3, rtol=2e-2)
+    # P is rounded to bf16 before P·V (as FlashMLA does): up to ~2e-3 absolute on short rows.
+    torch.testing.assert_close(out.float(), want_out, atol=4e-3, rtol=2e-2)
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=2e-4)
-    # A sequence's result does not depend on the batch it is in.
+    # A sequence's result does not depend on the batch it is in, nor on unused table columns.
     out0, lse0 = _native("mla_decode")(q[:1], cache, table[:1], seq_lens[:1], scale, rank)
     assert torch.equal(out0, out[:1]) and torch.equal(lse0, lse[:1])
+    wide = torch.cat([table, table[:, :1].expand(-1, 300)], dim=1).contiguous()
+    out_w, lse_w = _native("mla_decode")(q, cache, wide, seq_lens, scale, rank)
+    assert torch.equal(out_w, out) and torch.equal(lse_w, lse)
 
 
 def test_mla_decode_zero_length_and_bad_arguments():

@@ -196,24 +196,34 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const GemmParams
     a_row[j] = r >= 0 ? p.a + static_cast<int64_t>(r) * p.k : nullptr;
   }
 
-  float acc[2][kTokTiles][4] = {};
-  const int n_kblocks = static_cast<int>((p.k + kKBlock - 1) / kKBlock);
-  for (int kb = warp_k; kb < n_kblocks; kb += p.k_warps) {
-    const int64_t seg = static_cast<int64_t>(kb) * kKBlock + 32 * q;  // this lane's 32 K values
-    const bool seg_ok = seg < p.k;
-    uint4 wv[2][2];
-    __nv_bfloat162 scale[2][2];
+  // The weights of K block kb for this lane (zeros outside the rows / K range).
+  auto load_block = [&](int kb, uint4(&wv)[2][2], __nv_bfloat162(&scale)[2][2]) {
+    const int64_t seg = static_cast<int64_t>(kb) * kKBlock + 32 * q;
 #pragma unroll
     for (int set = 0; set < 2; ++set) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const bool ok = seg_ok && row_ok[set][half];
+        const bool ok = seg < p.k && row_ok[set][half];
         wv[set][half] =
             ok ? mma::load_streaming(w_row[set][half] + seg / 8) : make_uint4(0, 0, 0, 0);
         scale[set][half] = __bfloat162bfloat162(ok ? s_row[set][half][seg / p.group_size]
                                                    : __float2bfloat16(0.0f));
       }
     }
+  };
+
+  float acc[2][kTokTiles][4] = {};
+  const int n_kblocks = static_cast<int>((p.k + kKBlock - 1) / kKBlock);
+  uint4 wv[2][2];
+  __nv_bfloat162 scale[2][2];
+  if (warp_k < n_kblocks) load_block(warp_k, wv, scale);
+  for (int kb = warp_k; kb < n_kblocks; kb += p.k_warps) {
+    const int64_t seg = static_cast<int64_t>(kb) * kKBlock + 32 * q;  // this lane's 32 K values
+    const bool seg_ok = seg < p.k;
+    // Software pipeline: the next block's weights are in flight while this one is multiplied.
+    uint4 next_wv[2][2];
+    __nv_bfloat162 next_scale[2][2];
+    if (kb + p.k_warps < n_kblocks) load_block(kb + p.k_warps, next_wv, next_scale);
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       uint4 xv[kTokTiles];
@@ -245,6 +255,14 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const GemmParams
           mma::bf16_16816(acc[0][j], a[0], b);
           mma::bf16_16816(acc[1][j], a[1], b);
         }
+      }
+    }
+#pragma unroll
+    for (int set = 0; set < 2; ++set) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        wv[set][half] = next_wv[set][half];
+        scale[set][half] = next_scale[set][half];
       }
     }
   }

@@ -46,6 +46,14 @@ __host__ __device__ int num_splits(int seq_len) {
   return (pages + pages_per_split(pages) - 1) / pages_per_split(pages);
 }
 
+// seq_lens[b], clamped to what the block table can address (a longer length is a caller bug;
+// validating it would need a host sync, so the kernels only guarantee no out-of-bounds reads).
+__device__ int sequence_length(const MlaDecodeArgs& args, int b) {
+  const int64_t capacity = args.max_pages * kMlaPageSize;
+  const int len = args.seq_lens[b];
+  return len < 0 ? 0 : (len > capacity ? static_cast<int>(capacity) : len);
+}
+
 size_t split_smem_bytes(int dim) {
   const size_t stride = smem_stride(dim);
   return (2 * kMlaPageSize + kHeads) * stride * sizeof(__nv_bfloat16) +
@@ -63,7 +71,7 @@ struct Partials {
 __global__ void __launch_bounds__(kThreads, 1)
     mla_split_kernel(const MlaDecodeArgs args, const Partials parts) {
   const int b = blockIdx.x, split = blockIdx.y, h0 = blockIdx.z * kHeads;
-  const int seq_len = args.seq_lens[b];
+  const int seq_len = sequence_length(args, b);
   if (split >= num_splits(seq_len)) return;
   const int dim = static_cast<int>(args.dim), rank = static_cast<int>(args.rank);
   const int heads = static_cast<int>(args.heads), stride = smem_stride(dim);
@@ -126,9 +134,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // S = Q Kᵀ for tokens 8w .. 8w + 7 of the page.
     {
-      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      // Two accumulators (even / odd K steps) halve the dependent MMA chain; summed in a fixed
+      // order, so the result stays deterministic.
+      float s_even[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const __nv_bfloat16* k_row = page_kv + (8 * warp + g) * stride;
-      for (int k0 = 0; k0 < dim; k0 += 16) {
+      auto qk_step = [&](int k0, float (&acc)[4]) {
         const uint32_t a[4] = {
             *reinterpret_cast<const uint32_t*>(qs + g * stride + k0 + 2 * q),
             *reinterpret_cast<const uint32_t*>(qs + (g + 8) * stride + k0 + 2 * q),
@@ -136,8 +146,17 @@ __global__ void __launch_bounds__(kThreads, 1)
             *reinterpret_cast<const uint32_t*>(qs + (g + 8) * stride + k0 + 8 + 2 * q)};
         const uint32_t bk[2] = {*reinterpret_cast<const uint32_t*>(k_row + k0 + 2 * q),
                                 *reinterpret_cast<const uint32_t*>(k_row + k0 + 8 + 2 * q)};
-        mma::bf16_16816(s, a, bk);
+        mma::bf16_16816(acc, a, bk);
+      };
+      int k0 = 0;
+      for (; k0 + 32 <= dim; k0 += 32) {
+        qk_step(k0, s_even);
+        qk_step(k0 + 16, s_odd);
       }
+      if (k0 < dim) qk_step(k0, s_even);
+      float s[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[i] = s_even[i] + s_odd[i];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int head = g + 8 * (i / 2), token = 8 * warp + 2 * q + (i % 2);
@@ -229,7 +248,7 @@ __global__ void __launch_bounds__(kMlaMaxRank / 4)
     mla_combine_kernel(const MlaDecodeArgs args, const Partials parts) {
   const int b = blockIdx.x, head = blockIdx.y;
   const int rank = static_cast<int>(args.rank), heads = static_cast<int>(args.heads);
-  const int splits = num_splits(args.seq_lens[b]);
+  const int splits = min(num_splits(sequence_length(args, b)), parts.max_splits);
   const int64_t first = static_cast<int64_t>(b) * parts.max_splits * heads + head;
   float max_all = -INFINITY;
   for (int s = 0; s < splits; ++s) max_all = fmaxf(max_all, parts.ml[(first + s * heads) * 2]);
@@ -278,8 +297,11 @@ cudaError_t allow_split_smem(size_t bytes) {
   return err;
 }
 
+// An upper bound of num_splits over every length up to max_pages pages (num_splits itself is not
+// monotonic: at 257 pages the split size grows from 4 to 5 pages and the count drops).
 int max_splits_for(int64_t max_pages) {
-  return num_splits(static_cast<int>(max_pages * kMlaPageSize));
+  const int64_t bound = (max_pages + kMinPagesPerSplit - 1) / kMinPagesPerSplit;
+  return static_cast<int>(bound < kMlaMaxSplits ? bound : kMlaMaxSplits);
 }
 
 }  // namespace

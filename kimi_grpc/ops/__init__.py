@@ -71,21 +71,29 @@ def native_available(name: str, device_type: str) -> bool:
 
 # The CUDA kernels' envelope (csrc/cuda/*.cuh); shapes outside it (toy widths, fp32 models) run the
 # reference. Kimi K2.x and the k2-shape presets are inside it.
-def _cuda_moe_supported(x: torch.Tensor, w13_packed: torch.Tensor, group_size: int) -> bool:
+def _cuda_moe_supported(
+    x: torch.Tensor, w13_packed: torch.Tensor, topk_ids: torch.Tensor, group_size: int
+) -> bool:
     hidden, inter = x.shape[-1], w13_packed.shape[1] // 2
     return (
         x.dtype == torch.bfloat16
         and hidden % 32 == 0
         and inter % 32 == 0
+        and group_size > 0
         and group_size % 32 == 0
+        and hidden % group_size == 0
+        and inter % group_size == 0
         and w13_packed.shape[0] <= 2048
+        and topk_ids.shape[-1] <= 32
     )
 
 
 def _cuda_mla_supported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> bool:
     dim = q.shape[-1]
     return (
-        q.dtype == torch.bfloat16
+        q.shape[1] >= 1
+        and 0 < kv_lora_rank <= dim
+        and q.dtype == torch.bfloat16
         and kv_cache.dtype == torch.bfloat16
         and kv_cache.shape[1] == 64
         and dim % 16 == 0
@@ -169,7 +177,11 @@ def int4_moe_experts(
         give the same bits regardless of how the other tokens of the batch were routed.
     """
     native = _native_op("int4_moe_experts", x.device.type)
-    if native is not None and x.is_cuda and not _cuda_moe_supported(x, w13_packed, group_size):
+    if (
+        native is not None
+        and x.is_cuda
+        and not _cuda_moe_supported(x, w13_packed, topk_ids, group_size)
+    ):
         native = None
     fn = native if native is not None else reference.int4_moe_experts
     return fn(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weights, topk_ids, group_size)
