@@ -12,7 +12,8 @@ same run (kernel-targets.md §5): run by ``scripts/gpu_check.sh``.
    index_add) on bf16 copies of the same experts and routing.
 3. ``mla_decode``: 8 heads, D=576, rank 512, page 64, B x L; bytes = Σ L·1152 + q + out.
    Baselines: gather pages + two ``bmm`` + fp32 softmax, and the same on pre-gathered KV.
-4. ``moe_route`` (384 experts, top-8) vs the eager torch reference.
+4. ``moe_route`` (384 experts, top-8) vs the eager torch reference, and route + ``moe_align``
+   (the MoE's routing-metadata step) together.
 
 Timing: every case cycles through N >= 8 independent buffer sets (N x working set >= 4x L2, so L2
 does not flatter), captured as one CUDA graph of N calls, replayed R times; time per call =
@@ -290,12 +291,22 @@ def bench_route(batches: list[int]) -> list[dict]:
             (lambda s=s: reference.moe_route(s[0], s[1], TOP_K, 1, 1, True, ROUTED_SCALE))
             for s in sets
         ]
+        # Route + the MoE's routing-metadata step (moe_align, 8-token tiles), as one layer runs.
+        fused = [
+            (
+                lambda s=s: _C.moe_align_cuda(
+                    _C.moe_route_cuda(s[0], s[1], TOP_K, 1, 1, True, ROUTED_SCALE)[1], 384, 8
+                )
+            )
+            for s in sets
+        ]
         t_ours = graph_time(ours, replays=50)
         rows.append(
             {
                 "op": "moe_route",
                 "B": tokens,
                 "us": t_ours * 1e6,
+                "route_align_us": graph_time(fused, replays=50) * 1e6,
                 "speedup_vs_eager": graph_time(eager, replays=20) / t_ours,
             }
         )
@@ -322,7 +333,10 @@ def table(result: dict) -> str:
             base = f"{r['speedup_vs_gather_bmm']:.1f}x gather+bmm, {r['speedup_vs_bmm']:.1f}x bmm"
         else:
             case = f"B={r['B']}"
-            base = f"{r['speedup_vs_eager']:.1f}x eager torch"
+            base = (
+                f"{r['speedup_vs_eager']:.1f}x eager torch; route + align "
+                f"{r['route_align_us']:.1f} us"
+            )
         ratio = f"{r['bw_ratio']:.2f}" if "bw_ratio" in r else "-"
         lines.append(f"{r['op']:<11}{case:<16}{r['us']:>9.1f}{ratio:>10}  {base}")
     return "\n".join(lines)

@@ -108,6 +108,30 @@ at::Tensor int4_moe_experts_cuda(const at::Tensor& x, const at::Tensor& w13_pack
   return out;
 }
 
+std::vector<at::Tensor> moe_align_cuda(const at::Tensor& topk_ids, int64_t num_experts,
+                                       int64_t tile_tokens) {
+  TORCH_CHECK(topk_ids.is_cuda() && topk_ids.scalar_type() == at::kInt && topk_ids.dim() == 2,
+              "moe_align: topk_ids must be a 2-D int32 CUDA tensor [T, k]");
+  TORCH_CHECK(num_experts >= 1 && num_experts <= 2048, "moe_align: 1..2048 experts, got ",
+              num_experts);
+  TORCH_CHECK(tile_tokens >= 1 && tile_tokens <= 1024, "moe_align: tile_tokens out of range");
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
+  const at::Tensor ids = topk_ids.contiguous();
+  const int64_t n_pairs = ids.numel();
+  const auto opts = ids.options();
+  const int64_t tiles = kimi::moe_align_max_tiles(n_pairs, num_experts, tile_tokens);
+  at::Tensor sorted = at::empty({n_pairs}, opts), expert = at::empty({tiles}, opts);
+  at::Tensor start = at::empty({tiles}, opts), length = at::empty({tiles}, opts);
+  at::Tensor count = at::empty({1}, opts);
+  check_cuda_launch(
+      kimi::moe_align_cuda_launch(
+          ids.data_ptr<int32_t>(), n_pairs, num_experts, static_cast<int>(tile_tokens),
+          sorted.data_ptr<int32_t>(), expert.data_ptr<int32_t>(), start.data_ptr<int32_t>(),
+          length.data_ptr<int32_t>(), count.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()),
+      "moe_align");
+  return {sorted, expert, start, length, count};
+}
+
 std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at::Tensor& kv_cache,
                                                    const at::Tensor& block_table,
                                                    const at::Tensor& seq_lens, double softmax_scale,
@@ -168,5 +192,6 @@ void kimi_register_cuda_ops(pybind11::module_& m) {
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("moe_route_cuda", &moe_route_cuda, "noaux_tc top-k routing (CUDA)", nogil);
   m.def("int4_moe_experts_cuda", &int4_moe_experts_cuda, "INT4 MoE experts (CUDA)", nogil);
+  m.def("moe_align_cuda", &moe_align_cuda, "MoE routing metadata (CUDA; tests, benchmarks)", nogil);
   m.def("mla_decode_cuda", &mla_decode_cuda, "absorbed-MLA paged decode (CUDA)", nogil);
 }

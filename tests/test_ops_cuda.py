@@ -269,3 +269,30 @@ def test_mla_decode_zero_length_and_bad_arguments():
         fn(q, cache, table, lens, 0.1, 516)
     with pytest.raises(RuntimeError, match="kv_cache must be"):
         fn(q, cache[:, :32], table, lens, 0.1, 512)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "tile"), [(1, 384, 8), (37, 384, 8), (256, 48, 8), (4096, 384, 32)]
+)
+def test_moe_align_metadata(tokens, experts, tile):
+    gen = torch.Generator(device="cuda").manual_seed(tokens + experts)
+    ids = torch.rand(tokens, 384, generator=gen, device="cuda").argsort(-1)[:, :8]
+    ids = torch.where(ids < experts, ids, -1).int()  # EP: other ranks' experts are -1
+    sorted_pairs, expert, start, length, count = _native("moe_align")(ids, experts, tile)
+    flat = ids.flatten().cpu()
+    counts = torch.bincount(flat[flat >= 0].long(), minlength=experts)
+    n = int(count.item())
+    assert n == int(((counts + tile - 1) // tile).sum())
+    want_tiles, at = [], 0
+    for e, c in enumerate(counts.tolist()):
+        for first in range(0, c, tile):
+            want_tiles.append((e, at + first, min(tile, c - first)))
+        at += c
+    got_tiles = list(zip(expert[:n].tolist(), start[:n].tolist(), length[:n].tolist(), strict=True))
+    assert got_tiles == want_tiles
+    # Each expert's segment holds exactly its pairs (in any order).
+    pairs, at = sorted_pairs.cpu(), 0
+    for e, c in enumerate(counts.tolist()):
+        want = (flat == e).nonzero().squeeze(1)
+        assert torch.equal(pairs[at : at + c].sort().values, want.int()), f"expert {e}"
+        at += c

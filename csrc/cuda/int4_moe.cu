@@ -372,7 +372,7 @@ int k_warps_for(int64_t k) {
 }
 
 int64_t max_tiles(int64_t n_pairs, int64_t num_experts, int64_t tile_tokens) {
-  return (n_pairs + tile_tokens - 1) / tile_tokens + std::min(num_experts, n_pairs);
+  return moe_align_max_tiles(n_pairs, num_experts, tile_tokens);
 }
 
 struct Workspace {
@@ -411,6 +411,23 @@ cudaError_t launch_gemms(GemmParams gate_up, GemmParams down, int64_t tiles, cud
 }
 
 }  // namespace
+
+int64_t moe_align_max_tiles(int64_t n_pairs, int64_t num_experts, int64_t tile_tokens) {
+  return (n_pairs + tile_tokens - 1) / tile_tokens + std::min(num_experts, n_pairs);
+}
+
+cudaError_t moe_align_cuda_launch(const int32_t* topk_ids, int64_t n_pairs, int64_t num_experts,
+                                  int tile_tokens, int32_t* sorted_pairs, int32_t* tile_expert,
+                                  int32_t* tile_start, int32_t* tile_length, int32_t* num_tiles,
+                                  cudaStream_t stream) {
+  if (num_experts < 1 || num_experts > kMaxExperts || tile_tokens < 1 || n_pairs > INT32_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  const TileList tiles{sorted_pairs, tile_expert, tile_start, tile_length, num_tiles};
+  moe_align_kernel<<<1, kAlignThreads, 2 * num_experts * sizeof(int), stream>>>(
+      topk_ids, static_cast<int>(n_pairs), static_cast<int>(num_experts), tile_tokens, tiles);
+  return cudaGetLastError();
+}
 
 int64_t int4_moe_chunk_tokens(const Int4MoeArgs& args) {
   const int64_t per_token = args.top_k * args.hidden * static_cast<int64_t>(sizeof(__nv_bfloat16));

@@ -29,6 +29,17 @@ struct Int4MoeArgs {
   int64_t num_tokens, hidden, inter, num_experts, top_k, group_size;
 };
 
+// The routing metadata step on its own (the MoE launch runs it first; exposed for tests and the
+// benchmark): topk_ids [n_pairs] int32 (negative or >= E skipped) -> sorted_pairs [n_pairs] (pair
+// ids grouped by ascending expert, any order inside an expert), tiles of at most tile_tokens pairs
+// in expert order: tile_expert / tile_start / tile_length [moe_align_max_tiles(...)] and
+// num_tiles [1]. One block; no host synchronisation.
+int64_t moe_align_max_tiles(int64_t n_pairs, int64_t num_experts, int64_t tile_tokens);
+cudaError_t moe_align_cuda_launch(const int32_t* topk_ids, int64_t n_pairs, int64_t num_experts,
+                                  int tile_tokens, int32_t* sorted_pairs, int32_t* tile_expert,
+                                  int32_t* tile_start, int32_t* tile_length, int32_t* num_tiles,
+                                  cudaStream_t stream);
+
 // Tokens one launch sequence handles; longer inputs are processed in chunks of this many tokens,
 // which bounds the workspace (its largest part is the [tokens * k, H] bf16 down-projection output).
 int64_t int4_moe_chunk_tokens(const Int4MoeArgs& args);
