@@ -40,6 +40,10 @@ run_step checkpoint 300 "$PY" -c "
 from kimi_grpc.checkpoint_maker import make_checkpoint
 make_checkpoint('$OUT/ckpt-$PRESET', '$PRESET', seed=0)"
 run_step ab_generate 300 "$PY" - "$OUT/ckpt-$PRESET" "$OUT/ab.json" <<'EOF'
+# Greedy tokens with the native CUDA kernels vs the PyTorch reference on real K2.6 widths. The two
+# paths round differently (bf16 intermediates), so a divergence is accepted only where the
+# reference itself was at a near-tie: the native token is the reference's runner-up, within
+# 0.05 nats of its top choice. Anything else fails.
 import json, sys, time
 from kimi_grpc import ops
 from kimi_grpc.engine.llm import LLM
@@ -48,26 +52,35 @@ from kimi_grpc.sampling_params import SamplingParams
 path, out = sys.argv[1], sys.argv[2]
 llm = LLM(path, device="cuda", dtype="bfloat16", kv_cache_memory=8 << 30, max_model_len=4096)
 prompts = [[11 + i for i in range(40)], [500 + 3 * i for i in range(200)]]
-params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=2)
 result = {}
 for backend in ("reference", "native", "reference"):
     ops.set_backend(backend)
     t0 = time.perf_counter()
-    tokens = [o.token_ids for o in llm.generate(prompts, params)]
-    result.setdefault(backend, []).append({"tokens": tokens, "s": time.perf_counter() - t0})
-native, ref = result["native"][0]["tokens"], result["reference"][0]["tokens"]
-same = native == ref
-result["identical_greedy_tokens"] = same
-result["first_divergence"] = [
-    next((i for i, (a, b) in enumerate(zip(n, r)) if a != b), None)
-    for n, r in zip(native, ref)
-]
+    outs = llm.generate(prompts, params)
+    result.setdefault(backend, []).append(
+        {"tokens": [o.token_ids for o in outs], "s": time.perf_counter() - t0,
+         "top2": [[[tid for tid, _ in top] for _, top in o.outputs[0].logprobs] for o in outs],
+         "margin": [[top[0][1] - top[1][1] for _, top in o.outputs[0].logprobs] for o in outs]}
+    )
+ref, nat = result["reference"][0], result["native"][0]
+verdicts = []
+for p, (a, b) in enumerate(zip(nat["tokens"], ref["tokens"])):
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if i is None:
+        verdicts.append({"prompt": p, "first_divergence": None, "ok": True})
+        continue
+    near_tie = a[i] == ref["top2"][p][i][1] and ref["margin"][p][i] < 0.05
+    verdicts.append({"prompt": p, "first_divergence": i, "ref_margin": ref["margin"][p][i],
+                     "ok": near_tie})
+result["identical_greedy_tokens"] = nat["tokens"] == ref["tokens"]
+result["verdicts"] = verdicts
 json.dump(result, open(out, "w"))
-print(f"identical greedy tokens native vs reference: {same}; first divergence per prompt: "
-      f"{result['first_divergence']}")
+print(f"identical greedy tokens native vs reference: {result['identical_greedy_tokens']}")
+print(f"per prompt: {verdicts}")
 for name in ("reference", "native"):
     print(f"{name}: {[round(run['s'], 2) for run in result[name]]} s")
-sys.exit(0 if same else 1)
+sys.exit(0 if all(v["ok"] for v in verdicts) else 1)
 EOF
 
 {
