@@ -37,6 +37,44 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tensor parallelism (one process per GPU; gloo on the CPU)")
+    g.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="ranks in all (default 1)"
+    )
+    g.add_argument(
+        "--moe-parallel",
+        choices=("tp", "ep"),
+        default="tp",
+        help="routed experts: tp = a slice of every expert per rank (lowest latency at small "
+        "batch), ep = whole experts per rank (docs/PARALLEL.md)",
+    )
+    g.add_argument("--nnodes", type=int, help="nodes (env NNODES; default 1)")
+    g.add_argument("--node-rank", type=int, help="this node's index (env NODE_RANK; default 0)")
+    g.add_argument("--master-addr", help="rank 0's address (env MASTER_ADDR; default loopback)")
+    g.add_argument("--master-port", type=int, help="rendezvous port (env MASTER_PORT)")
+    g.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a step's collective may take before the server gives up",
+    )
+
+
+def parallel_config(args: argparse.Namespace):
+    from kimi_grpc.parallel.distributed import ParallelConfig
+
+    return ParallelConfig.from_env(
+        tensor_parallel_size=args.tensor_parallel_size,
+        moe_parallel=args.moe_parallel,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        collective_timeout=args.collective_timeout,
+    )
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -62,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate from a prompt: offline (--model) or on a server (--target)"
     )
     _add_model_args(gen)
+    _add_parallel_args(gen)
     cli_remote.add_target_args(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (special-token strings stay plain text)")
@@ -107,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="start the gRPC server")
     _add_model_args(srv)
+    _add_parallel_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     srv.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     srv.add_argument(
@@ -143,9 +183,10 @@ def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import os
 
     from kimi_grpc import ops
-    from kimi_grpc.server.app import MIB, ServerConfig, serve
+    from kimi_grpc.server.app import MIB, ServerConfig, ServerFailed, serve
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -166,6 +207,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queued_requests > 0:
         # The engine queue must hold every admitted sequence; admission is counted in the server.
         engine_args["max_waiting"] = args.max_queued_requests + (args.max_num_seqs or 256)
+    parallel = parallel_config(args)
+    if parallel.node_rank > 0:  # no gRPC server here: host this node's ranks until rank 0 ends
+        from kimi_grpc.parallel.node import serve_node
+
+        return serve_node(args.model, args.revision, args.device, args.dtype, parallel, engine_args)
     config = ServerConfig(
         model=args.model,
         revision=args.revision,
@@ -182,8 +228,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_mb * MIB,
         reflection=not args.no_reflection,
         engine_args=engine_args,
+        parallel=parallel,
     )
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ServerFailed as exc:  # a lost rank: leave now, without waiting on stuck collectives
+        print(f"kimi-grpc serve: fatal: {exc}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)
     return 0
 
 
@@ -216,11 +268,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory,
         max_model_len=args.max_model_len,
+        parallel=parallel_config(args),
     )
     loaded = time.perf_counter()
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
-    result = llm.generate([prompt], params)[0]
-    done = time.perf_counter()
+    with llm:
+        result = llm.generate([prompt], params)[0]
+        done = time.perf_counter()
     if args.json:
         record = {
             "model": str(llm.engine.model_path),

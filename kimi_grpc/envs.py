@@ -1,4 +1,5 @@
-"""The one typed registry of environment variables (all prefixed ``KIMI_GRPC_``)."""
+"""The one typed registry of environment variables: ours are prefixed ``KIMI_GRPC_``; the
+multi-node layout also reads the standard torchrun / LeaderWorkerSet names."""
 
 from __future__ import annotations
 
@@ -33,4 +34,13 @@ CACHE_DIR = EnvVar(
     help="where the built-in demo checkpoint is generated on first use",
 )
 
-ALL = (OPS, CACHE_DIR)
+# Multi-node tensor parallelism (``serve --nnodes``); the CLI flags take precedence.
+MASTER_ADDR = EnvVar("MASTER_ADDR", "", help="rank 0's address (torchrun convention)")
+LWS_LEADER_ADDRESS = EnvVar(
+    "LWS_LEADER_ADDRESS", "", help="rank 0's address set by LeaderWorkerSet (if no MASTER_ADDR)"
+)
+MASTER_PORT = EnvVar("MASTER_PORT", "", help="rendezvous TCP port on rank 0")
+NNODES = EnvVar("NNODES", "", help="nodes in the tensor-parallel group")
+NODE_RANK = EnvVar("NODE_RANK", "", help="this node's index (0 runs the gRPC server)")
+
+ALL = (OPS, CACHE_DIR, MASTER_ADDR, LWS_LEADER_ADDRESS, MASTER_PORT, NNODES, NODE_RANK)

@@ -185,11 +185,21 @@ def test_not_a_checkpoint(tmp_path):
         CheckpointReader(tmp_path)
 
 
-def test_tensor_parallel_needs_whole_int4_groups(demo_dir):
-    """The demo's 32-wide experts cannot be split into whole 32-element INT4 groups at tp=2."""
+def test_tensor_parallel_needs_whole_int4_words(demo_dir):
+    """Expert slices narrower than a group are regrouped (the demo's I=32 at tp=2 loads), but
+    not below one packed int32 word: 32/8 = 4 columns per rank is refused."""
+    from kimi_grpc.model.moe import RoutedExperts
+
     full = load_model_config(demo_dir)
-    with pytest.raises(ValueError, match="group_size=32"):
-        KimiForCausalLM(full, dtype=torch.float32, ctx=ParallelContext(tp_rank=0, tp_size=2))
+    KimiForCausalLM(full, dtype=torch.float32, ctx=ParallelContext(tp_rank=0, tp_size=2))
+    with pytest.raises(ValueError, match="group_size=32; need a multiple of 8"):
+        RoutedExperts(
+            full,
+            name="model.layers.1.mlp.experts",
+            ctx=ParallelContext(tp_rank=0, tp_size=8),
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+        )
 
 
 def test_tensor_parallel_slices_on_wider_experts(tmp_path):

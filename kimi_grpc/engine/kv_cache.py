@@ -8,9 +8,34 @@ from __future__ import annotations
 
 import torch
 
-from kimi_grpc.config import ModelConfig
+from kimi_grpc.config import EngineConfig, ModelConfig
 
 DEFAULT_PAGE_SIZE = 64
+CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
+
+
+def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
+    """Bytes for the latent cache: ``kv_cache_memory`` if set, else a share of the free GPU
+    memory (after the weights are loaded), else 2 GiB on the CPU."""
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * config.kv_cache_memory_fraction)
+    return CPU_DEFAULT_KV_CACHE_BYTES
+
+
+def kv_cache_pages(
+    config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Pages of ``config.page_size`` tokens the budget holds (every TP rank holds every page)."""
+    bytes_per_page = config.page_size * LatentKVCache.bytes_per_token(model, dtype)
+    num_pages = kv_cache_budget(config, device) // bytes_per_page
+    if num_pages < 1:
+        raise ValueError(
+            f"the kv cache budget holds no page ({bytes_per_page} bytes); raise kv_cache_memory"
+        )
+    return num_pages
 
 
 class LatentKVCache:

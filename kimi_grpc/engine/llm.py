@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence as Seq
 
 import torch
@@ -10,6 +12,10 @@ from kimi_grpc.config import EngineConfig
 from kimi_grpc.engine.llm_engine import LLMEngine
 from kimi_grpc.engine.outputs import CompletionOutput, RequestOutput
 from kimi_grpc.model import KimiForCausalLM
+from kimi_grpc.parallel.distributed import ParallelConfig, free_port, rank_device
+from kimi_grpc.parallel.leader import Leader
+from kimi_grpc.parallel.memory_plan import plan_or_refuse
+from kimi_grpc.parallel.worker import WorkerSpec
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import KimiTokenizer
 
@@ -33,21 +39,63 @@ def load_engine(
     device: str = "cpu",
     dtype: str | torch.dtype = "auto",
     tensor_parallel_size: int = 1,
+    moe_parallel: str = "tp",
+    parallel: ParallelConfig | None = None,
     **engine_args,
 ) -> LLMEngine:
-    """Loads a checkpoint (a directory, a hub repo id, or the built-in demo when None)."""
+    """Loads a checkpoint (a directory, a hub repo id, or the built-in demo when None).
+
+    ``tensor_parallel_size > 1`` starts the other ranks of this node as worker processes (each
+    loads only its shard) and makes this process rank 0; ``parallel`` gives the full layout
+    (multi-node, timeouts) and overrides the two shorthand arguments. Workers use this
+    process's hot-op backend.
+    """
+    from kimi_grpc import ops
     from kimi_grpc.checkpoint import resolve_model_path
     from kimi_grpc.checkpoint_maker import demo_checkpoint
 
-    if tensor_parallel_size != 1:
-        raise ValueError("tensor_parallel_size > 1 arrives with the scale-out work; use 1")
+    if parallel is None:
+        parallel = ParallelConfig(tensor_parallel_size, moe_parallel)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda: no CUDA device is available to this torch build")
+    if device == "cuda" and torch.cuda.device_count() < parallel.local_size:
+        raise ValueError(
+            f"{parallel.local_size} ranks on this node need {parallel.local_size} GPUs; "
+            f"{torch.cuda.device_count()} are visible"
+        )
     path = resolve_model_path(model, revision) if model else demo_checkpoint()
-    net = KimiForCausalLM.from_checkpoint(path, dtype=resolve_dtype(dtype, device), device=device)
-    engine = LLMEngine(net, KimiTokenizer.from_dir(path), EngineConfig(**engine_args))
+    torch_dtype = resolve_dtype(dtype, device)
+    config = EngineConfig(**engine_args)
+    plan_or_refuse(path, parallel, config, torch_dtype, device)
+    leader = None
+    if parallel.tensor_parallel_size > 1:
+        if parallel.master_port == 0:
+            parallel = dataclasses.replace(parallel, master_port=free_port(parallel.master_addr))
+        if not isinstance(dtype, str):
+            dtype = next(name for name, d in DTYPES.items() if d is dtype)
+        spec = WorkerSpec(
+            str(path), parallel, device, dtype, ops.backend(), engine_args, log_level()
+        )
+        leader = Leader(spec, rank_device(device, 0))
+    try:
+        net = KimiForCausalLM.from_checkpoint(
+            path,
+            dtype=torch_dtype,
+            device=rank_device(device, 0) if leader else device,
+            ctx=leader.ctx if leader else None,
+        )
+        engine = LLMEngine(net, KimiTokenizer.from_dir(path), config, leader=leader)
+    except BaseException:
+        if leader is not None:
+            leader.fail("rank 0 failed to load")
+            leader.shutdown()
+        raise
     engine.model_path = path
     return engine
+
+
+def log_level() -> str:
+    return logging.getLevelName(logging.getLogger().getEffectiveLevel())
 
 
 class LLM:
@@ -55,11 +103,22 @@ class LLM:
 
     Engine arguments (see ``EngineConfig``): ``kv_cache_memory``, ``max_num_seqs``,
     ``max_num_batched_tokens``, ``max_model_len``, ``enable_prefix_caching``, ``page_size``, ...
+    ``tensor_parallel_size=N`` (``moe_parallel="tp"|"ep"``) runs N ranks as N processes; call
+    :meth:`shutdown` (or use ``with LLM(...) as llm``) to stop them.
     """
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
         self.engine = load_engine(model, **kwargs)
         self._counter = 0
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self) -> KimiTokenizer:

@@ -16,17 +16,16 @@ import torch
 
 from kimi_grpc.config import EngineConfig
 from kimi_grpc.engine.block_manager import BlockManager
-from kimi_grpc.engine.kv_cache import LatentKVCache
+from kimi_grpc.engine.kv_cache import LatentKVCache, kv_cache_pages
 from kimi_grpc.engine.model_runner import ModelRunner
 from kimi_grpc.engine.sampler import Sampler, SamplingState, make_generator
 from kimi_grpc.engine.scheduler import Scheduler
 from kimi_grpc.engine.sequence import FinishReason, Sequence, SequenceStatus
 from kimi_grpc.engine.stop_checker import StopChecker
 from kimi_grpc.model import KimiForCausalLM
+from kimi_grpc.parallel.leader import Leader
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import IncrementalDetokenizer, KimiTokenizer
-
-CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
 
 
 class RequestError(ValueError):
@@ -93,8 +92,14 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(
-        self, model: KimiForCausalLM, tokenizer: KimiTokenizer, config: EngineConfig
+        self,
+        model: KimiForCausalLM,
+        tokenizer: KimiTokenizer,
+        config: EngineConfig,
+        *,
+        leader: Leader | None = None,
     ) -> None:
+        """``leader``: rank 0's handle on the other tensor-parallel ranks (None: one process)."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_path: Path | None = None  # set by load_engine, for reporting
         mc = model.config
@@ -105,12 +110,10 @@ class LLMEngine:
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model only {mc.vocab_size}"
             )
-        bytes_per_page = config.page_size * LatentKVCache.bytes_per_token(mc, model.dtype)
-        num_pages = self._cache_budget() // bytes_per_page
-        if num_pages < 1:
-            raise ValueError(
-                f"the kv cache budget holds no page ({bytes_per_page} bytes); raise kv_cache_memory"
-            )
+        num_pages = kv_cache_pages(config, mc, model.dtype, model.device)
+        self.leader = leader
+        if leader is not None:  # every rank must allocate the same pages: take the minimum
+            num_pages = leader.agree_num_pages(num_pages, model)
         self.cache = LatentKVCache(
             mc, num_pages, page_size=config.page_size, dtype=model.dtype, device=model.device
         )
@@ -124,7 +127,7 @@ class LLMEngine:
             max_waiting=config.max_waiting,
             max_prefill_chunk_tokens=config.prefill_chunk_cap,
         )
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, leader)
         # Requests without a seed share one engine-wide stream.
         self.sampler = Sampler(make_generator(config.seed, model.device))
         # Stop on every eos the checkpoint declares, plus <|im_end|> and [EOS] (Kimi's rule).
@@ -137,13 +140,10 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.timings = StepTimings()
 
-    def _cache_budget(self) -> int:
-        if self.config.kv_cache_memory is not None:
-            return self.config.kv_cache_memory
-        if self.model.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.model.device)
-            return int(free * self.config.kv_cache_memory_fraction)
-        return CPU_DEFAULT_KV_CACHE_BYTES
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (a no-op for a single process)."""
+        if self.leader is not None:
+            self.leader.shutdown()
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(

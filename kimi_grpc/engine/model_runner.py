@@ -7,11 +7,14 @@ import torch
 from kimi_grpc.engine.kv_cache import LatentKVCache
 from kimi_grpc.engine.sequence import Sequence
 from kimi_grpc.model import ForwardBatch, KimiForCausalLM
+from kimi_grpc.parallel.leader import Leader
 
 
 class ModelRunner:
-    def __init__(self, model: KimiForCausalLM, cache: LatentKVCache) -> None:
-        self.model, self.cache = model, cache
+    def __init__(
+        self, model: KimiForCausalLM, cache: LatentKVCache, leader: Leader | None = None
+    ) -> None:
+        self.model, self.cache, self.leader = model, cache, leader
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ForwardBatch:
         """The flat batch computing ``n`` new tokens for each ``(sequence, n)``."""
@@ -26,5 +29,9 @@ class ModelRunner:
         )
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits ``[num_sequences, vocab]`` at each sequence's last computed token."""
-        return self.model(batch, self.cache.pools)
+        """float32 logits ``[num_sequences, vocab]`` at each sequence's last computed token.
+        Under tensor parallelism rank 0 first broadcasts the batch; every rank runs the forward."""
+        if self.leader is None:
+            return self.model(batch, self.cache.pools)
+        with self.leader.step(batch):
+            return self.model(batch, self.cache.pools)

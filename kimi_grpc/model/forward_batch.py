@@ -25,6 +25,10 @@ class ForwardBatch:
     decode_seqs: torch.Tensor  # [B_decode] int64 sequences with one new token
     decode_tokens: torch.Tensor  # [B_decode] int64 their token index in the flat batch
     logits_indices: torch.Tensor  # [B] int64 flat index of each sequence's last token
+    # The host inputs ``build`` was given (what tensor-parallel rank 0 broadcasts to the others).
+    new_token_ids: list[list[int]]  # [B][query_len]
+    block_tables_host: list[list[int]]  # [B][pages]
+    page_size: int
 
     @classmethod
     def build(
@@ -79,6 +83,9 @@ class ForwardBatch:
             decode_seqs=longs(decode_seqs),
             decode_tokens=longs(decode_tokens),
             logits_indices=longs(last),
+            new_token_ids=token_ids,
+            block_tables_host=block_tables,
+            page_size=page_size,
         )
 
     def prefill_segments(self) -> list[tuple[int, int, int]]:

@@ -4,10 +4,13 @@ one always-on shared expert.
 Routed experts are stacked per layer so the grouped GEMM op sees one tensor per projection:
 ``w13 [E, 2I, H]`` (gate rows then up rows) and ``w2 [E, H, I]``, kept INT4-packed exactly as
 stored (``*_packed`` int32 + ``*_scale`` bf16) — never dequantized as a whole. Under tensor
-parallelism each rank holds the slice ``I/tp`` of every expert and the combine is an all-reduce.
+parallelism each rank holds the slice ``I/tp`` of every expert (``--moe-parallel tp``) or
+``E/tp`` whole experts (``--moe-parallel ep``); the combine is one all-reduce either way.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +70,17 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
+    """This rank's share of the routed experts, under one of the two layouts:
+
+    * ``moe_parallel="tp"``: rows ``[i0, i1)`` of every expert's gate/up and the same columns of
+      its down projection (``I/tp`` wide). When that slice is narrower than an INT4 group (tiny
+      models), the scales are re-grouped exactly to ``gcd(I/tp, group)`` columns per scale.
+    * ``moe_parallel="ep"``: whole experts ``[e0, e1)`` (``E/tp`` of them); slots routed to
+      another rank's expert get id -1, which the expert op skips.
+
+    Either way the forward returns a partial sum that the caller all-reduces.
+    """
+
     def __init__(
         self,
         config: ModelConfig,
@@ -79,26 +93,38 @@ class RoutedExperts(nn.Module):
         super().__init__()
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts, self.hidden, self.inter = e, h, i
-        self.i0, self.i1 = shard_range(i, ctx, "moe_intermediate_size")
-        il = self.i1 - self.i0
+        if ctx.moe_parallel == "ep":
+            self.e0, self.e1 = shard_range(e, ctx, "n_routed_experts")
+            self.i0, self.i1 = 0, i
+        else:
+            self.e0, self.e1 = 0, e
+            self.i0, self.i1 = shard_range(i, ctx, "moe_intermediate_size")
+        el, il = self.e1 - self.e0, self.i1 - self.i0
         quant = config.quantization
         self.quant = quant if quant and quant.is_quantized(f"{name}.0.gate_proj") else None
         if self.quant is None:
-            self.w13 = _param((e, 2 * il, h), dtype, device)
-            self.w2 = _param((e, h, il), dtype, device)
+            self.w13 = _param((el, 2 * il, h), dtype, device)
+            self.w2 = _param((el, h, il), dtype, device)
         else:
-            g = self.quant.group_size
-            if il % g:
-                raise ValueError(f"per-rank expert width {il} is not a multiple of group_size={g}")
-            self.w13_packed = _param((e, 2 * il, h // PACK_FACTOR), torch.int32, device)
-            self.w13_scale = _param((e, 2 * il, h // g), torch.bfloat16, device)
-            self.w2_packed = _param((e, h, il // PACK_FACTOR), torch.int32, device)
-            self.w2_scale = _param((e, h, il // g), torch.bfloat16, device)
+            g = self.group = math.gcd(il, self.quant.group_size)
+            if g % PACK_FACTOR:
+                raise ValueError(
+                    f"per-rank expert width {il} shares only {g} columns with "
+                    f"group_size={self.quant.group_size}; need a multiple of {PACK_FACTOR} "
+                    "(use --moe-parallel ep or a smaller tensor_parallel_size)"
+                )
+            self.w13_packed = _param((el, 2 * il, h // PACK_FACTOR), torch.int32, device)
+            self.w13_scale = _param((el, 2 * il, h // g), torch.bfloat16, device)
+            self.w2_packed = _param((el, h, il // PACK_FACTOR), torch.int32, device)
+            self.w2_scale = _param((el, h, il // g), torch.bfloat16, device)
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
-        # x: [T, H] -> [T, H] partial sum over this rank's slice of every expert.
+        # x: [T, H], topk_ids: [T, k] global expert ids -> [T, H] partial sum of this rank.
+        if self.e1 - self.e0 != self.num_experts:
+            local = (topk_ids >= self.e0) & (topk_ids < self.e1)
+            topk_ids = torch.where(local, topk_ids - self.e0, -1).to(torch.int32)
         if self.quant is None:
             return ops.dense_moe_experts(x, self.w13, self.w2, topk_weights, topk_ids)
         return ops.int4_moe_experts(
@@ -109,51 +135,66 @@ class RoutedExperts(nn.Module):
             self.w2_scale,
             topk_weights,
             topk_ids,
-            group_size=self.quant.group_size,
+            group_size=self.group,
         )
 
     def weight_specs(self, name: str) -> dict[str, TensorSpec]:
         specs: dict[str, TensorSpec] = {}
         h, i = self.hidden, self.inter
-        for e in range(self.num_experts):
+        for e in range(self.e0, self.e1):
             for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
-                specs.update(self._expert_specs(f"{name}.{e}.{proj}", e, proj, shape))
+                specs.update(self._expert_specs(f"{name}.{e}.{proj}", e - self.e0, proj, shape))
         return specs
 
     def _expert_specs(
         self, name: str, e: int, proj: str, shape: tuple[int, int]
     ) -> dict[str, TensorSpec]:
+        """Specs of one checkpoint expert projection, loaded into local expert ``e``."""
         i0, i1 = self.i0, self.i1
         il = i1 - i0
 
-        def rows_or_cols(dst: torch.Tensor, per_word: int):
-            """Copies this rank's slice of one expert projection into the stacked tensor."""
-            a, b = i0 // per_word, i1 // per_word
-
+        def loader(dst: torch.Tensor, read_slice):
             def load(src: TensorSlice) -> None:
                 if proj == "gate_proj":
-                    dst[e, :il].copy_(src[i0:i1, :])
+                    dst[e, :il].copy_(read_slice(src[i0:i1, :]))
                 elif proj == "up_proj":
-                    dst[e, il:].copy_(src[i0:i1, :])
-                else:  # down_proj: slice the input (I) columns
-                    dst[e].copy_(src[:, a:b])
+                    dst[e, il:].copy_(read_slice(src[i0:i1, :]))
+                else:  # down_proj: this rank's input (I) columns
+                    dst[e].copy_(read_slice(src[:, :], i0, i1))
 
             return load
 
+        def columns(per_word: int):
+            """Plain column slice of a float or packed tensor (``per_word`` values per entry)."""
+
+            def read(t: torch.Tensor, c0: int = 0, c1: int | None = None) -> torch.Tensor:
+                c1 = t.shape[1] * per_word if c1 is None else c1
+                return t[:, c0 // per_word : c1 // per_word]
+
+            return read
+
         if self.quant is None:
             dst = self.w2 if proj == "down_proj" else self.w13
-            return {f"{name}.weight": TensorSpec(shape, FLOAT_DTYPES, rows_or_cols(dst, 1))}
-        g = self.quant.group_size
+            return {f"{name}.weight": TensorSpec(shape, FLOAT_DTYPES, loader(dst, columns(1)))}
+        g_ckpt, g = self.quant.group_size, self.group
+
+        def scales(t: torch.Tensor, c0: int = 0, c1: int | None = None) -> torch.Tensor:
+            # t: [rows, in/g_ckpt] -> [rows, (c1-c0)/g]: one scale per local group of g columns.
+            c1 = t.shape[1] * g_ckpt if c1 is None else c1
+            if g == g_ckpt:
+                return t[:, c0 // g : c1 // g]
+            return t[:, torch.arange(c0, c1, g) // g_ckpt]
+
         packed = self.w2_packed if proj == "down_proj" else self.w13_packed
         scale = self.w2_scale if proj == "down_proj" else self.w13_scale
         return {
             f"{name}.weight_packed": TensorSpec(
                 (shape[0], shape[1] // PACK_FACTOR),
                 (torch.int32,),
-                rows_or_cols(packed, PACK_FACTOR),
+                loader(packed, columns(PACK_FACTOR)),
             ),
             f"{name}.weight_scale": TensorSpec(
-                (shape[0], shape[1] // g), FLOAT_DTYPES, rows_or_cols(scale, g)
+                (shape[0], shape[1] // g_ckpt), FLOAT_DTYPES, loader(scale, scales)
             ),
             f"{name}.weight_shape": TensorSpec(
                 (2,), SHAPE_DTYPES, lambda src: check_weight_shape(src, shape)

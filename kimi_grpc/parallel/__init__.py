@@ -1,4 +1,5 @@
-"""Tensor-parallel process groups (single process until the scale-out work lands)."""
+"""Tensor/expert parallelism: the layers' collectives (state), the process groups
+(distributed), rank 0's leader and the workers, the step wire format, and memory planning."""
 
 from kimi_grpc.parallel.state import ParallelContext, shard_range
 

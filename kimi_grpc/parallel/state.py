@@ -1,15 +1,20 @@
 """Which tensor-parallel rank this process is, and the collectives its layers call.
 
-Layers are written TP-aware from the start (column/row-parallel linear, vocab-parallel embedding);
-with the default ``ParallelContext()`` (world size 1) every collective is the identity.
+Layers are written TP-aware from the start (column/row-parallel linear, vocab-parallel embedding,
+TP- or expert-parallel MoE); with the default ``ParallelContext()`` (world size 1) every
+collective is the identity.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
+
+MoEParallel = Literal["tp", "ep"]
+MOE_PARALLEL_MODES: tuple[MoEParallel, ...] = ("tp", "ep")
 
 
 @dataclass(frozen=True)
@@ -17,10 +22,15 @@ class ParallelContext:
     tp_rank: int = 0
     tp_size: int = 1
     group: object | None = None  # a torch.distributed ProcessGroup when tp_size > 1
+    # Routed experts: "tp" = every rank holds I/tp of every expert; "ep" = every rank holds
+    # E/tp whole experts. Either way the combine is one all-reduce.
+    moe_parallel: MoEParallel = "tp"
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank={self.tp_rank} outside tp_size={self.tp_size}")
+        if self.moe_parallel not in MOE_PARALLEL_MODES:
+            raise ValueError(f"moe_parallel={self.moe_parallel!r}: expected tp or ep")
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sums ``x`` over the TP ranks in place (row-parallel outputs, expert combine)."""

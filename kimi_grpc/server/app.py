@@ -7,13 +7,18 @@ Lifecycle and what health reports (``grpc.health.v1``, service "" and "kimi.v1.I
                                to completion for up to ``drain_timeout`` s, then are aborted;
                                the process exits 0.
   engine failure               NOT_SERVING; calls UNAVAILABLE (Kubernetes restarts the pod)
+  tensor-parallel failure      (a worker rank died, a collective failed or timed out, a GPU stopped
+                               answering) NOT_SERVING at once, in-flight calls aborted, the
+                               process exits 1 within a few seconds (``ServerFailed``)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +29,8 @@ from grpc_reflection.v1alpha import reflection
 from kimi_grpc.chat import ChatRenderer
 from kimi_grpc.engine.async_llm import AsyncLLM
 from kimi_grpc.engine.llm import load_engine
+from kimi_grpc.parallel.devices import device_alive
+from kimi_grpc.parallel.distributed import ParallelConfig
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.server.auth import BearerAuthInterceptor, load_api_keys
 from kimi_grpc.server.runtime import LoadedModel, Runtime, model_name
@@ -32,6 +39,12 @@ from kimi_grpc.server.servicer import SERVICE_NAME, InferenceServicer, add_infer
 logger = logging.getLogger("kimi_grpc.server")
 
 MIB = 1024 * 1024
+FATAL_EXIT_DEADLINE_S = 10.0  # a failed tensor-parallel server is gone within this
+DEVICE_CHECK_INTERVAL_S = 5.0
+
+
+class ServerFailed(RuntimeError):
+    """The server cannot continue (a lost rank); the process must exit non-zero."""
 
 
 @dataclass
@@ -52,6 +65,7 @@ class ServerConfig:
     max_message_bytes: int = 16 * MIB  # receive limit: ~3M token ids or ~16 MB of text
     reflection: bool = True
     engine_args: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # TP layout (rank 0 here)
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -86,6 +100,8 @@ class Server:
         self.port = self._bind()
         self._stopped = asyncio.Event()
         self._watcher: asyncio.Task | None = None
+        self.failure: str | None = None
+        self._fatal_task: asyncio.Future | None = None
 
     def _bind(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
@@ -118,8 +134,13 @@ class Server:
         cfg = self.config
         engine = await asyncio.to_thread(
             load_engine, cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype,
-            **cfg.engine_args,
+            parallel=cfg.parallel, **cfg.engine_args,
         )  # fmt: skip
+        if engine.leader is not None:
+            loop = asyncio.get_running_loop()
+            engine.leader.on_failure(
+                lambda message: loop.call_soon_threadsafe(self._schedule_fatal, message)
+            )
         chat = ChatRenderer.from_model_dir(engine.model_path, engine.tokenizer)
         llm = AsyncLLM(engine)
         # Warm-up: one real generation proves the weights, the cache and the loop work.
@@ -135,11 +156,43 @@ class Server:
         logger.info("serving %s on port %d", name, self.port)
 
     async def _watch_engine(self, llm: AsyncLLM) -> None:
+        cuda = self.config.device == "cuda"
+        next_device_check = 0.0
+        loop = asyncio.get_running_loop()
         while llm.errored is None and not self._stopped.is_set():
             await asyncio.sleep(0.5)
+            if cuda and loop.time() >= next_device_check:  # liveness includes the GPU
+                next_device_check = loop.time() + DEVICE_CHECK_INTERVAL_S
+                problem = await asyncio.to_thread(device_alive, llm.engine.model.device.index or 0)
+                if problem is not None:
+                    await self.fail(problem)
+                    return
         if llm.errored is not None:
             logger.error("engine failed (%r): reporting NOT_SERVING", llm.errored)
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            if llm.engine.leader is not None:  # the ranks are out of step: nothing can continue
+                await self.fail(f"engine failed under tensor parallelism: {llm.errored!r}")
+
+    def _schedule_fatal(self, message: str) -> None:
+        self._fatal_task = asyncio.ensure_future(self.fail(message))
+
+    async def fail(self, message: str) -> None:
+        """A lost rank: NOT_SERVING now, abort every call, stop; ``wait`` then raises
+        ``ServerFailed``. A watchdog ends the process if any of this blocks."""
+        if self.failure is not None:
+            return
+        self.failure = message
+        watchdog = threading.Timer(FATAL_EXIT_DEADLINE_S, _hard_exit, args=(message,))
+        watchdog.daemon = True
+        watchdog.start()
+        logger.error("fatal: %s; reporting NOT_SERVING and exiting", message)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.runtime.draining = True
+        self.runtime.abort(list(self.runtime.inflight))
+        if self.runtime.model is not None and self.runtime.model.engine.leader is not None:
+            await asyncio.to_thread(self.runtime.model.engine.leader.workers.kill)
+        await self.server.stop(grace=1.0)
+        self._stopped.set()
 
     async def drain(self) -> None:
         """SIGTERM: stop accepting, let in-flight calls finish (bounded), then stop."""
@@ -157,8 +210,19 @@ class Server:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+        if self.failure is not None:
+            raise ServerFailed(self.failure)
         if self.runtime.model is not None:
             await asyncio.to_thread(self.runtime.model.llm.shutdown)
+            await asyncio.to_thread(self.runtime.model.engine.shutdown)
+
+
+def _hard_exit(message: str) -> None:
+    logger.error(
+        "fatal: %s; shutdown took over %.0f s, exiting now", message, FATAL_EXIT_DEADLINE_S
+    )
+    logging.shutdown()
+    os._exit(1)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -1,0 +1,131 @@
+"""The typed, versioned wire format rank 0 broadcasts to the other tensor-parallel ranks.
+
+Nothing here is pickled. A message is one fixed-size int64 header, then (for ``STEP`` only) one
+int64 payload whose length the header gives:
+
+    header  [8] int64  = MAGIC, VERSION, op, step_seq, B, N, P, page_size
+    payload [N + 3B + P] int64 = new token ids (N, sequence after sequence)
+                                | query_lens (B) | context_lens (B) | table_lens (B)
+                                | block-table pages (P, sequence after sequence)
+
+``B`` sequences, ``N`` new tokens, ``P`` pages in all block tables. A receiver that reads another
+magic or version refuses the message (a worker from a different build must not run garbage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from itertools import accumulate
+
+import torch
+
+MAGIC = 0x4B494D49  # "KIMI"
+VERSION = 1
+HEADER_LEN = 8
+
+
+class Op(IntEnum):
+    STEP = 1  # run one forward over the batch in the payload
+    HEARTBEAT = 2  # rank 0 is alive and idle; no payload
+    SHUTDOWN = 3  # leave the loop and exit 0
+
+
+class StepFormatError(RuntimeError):
+    """A message this build cannot read: wrong magic, version, op or sizes."""
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    op: Op
+    seq: int = 0  # rank 0's message counter, checked for gaps by the receivers
+    token_ids: list[list[int]] = field(default_factory=list)  # [B][query_len]
+    context_lens: list[int] = field(default_factory=list)  # [B]
+    block_tables: list[list[int]] = field(default_factory=list)  # [B][pages]
+    page_size: int = 0
+
+
+@dataclass(frozen=True)
+class Header:
+    op: Op
+    seq: int
+    num_seqs: int  # B
+    num_tokens: int  # N
+    num_pages: int  # P
+    page_size: int
+
+    @property
+    def payload_len(self) -> int:
+        return self.num_tokens + 3 * self.num_seqs + self.num_pages
+
+
+def encode(msg: StepMessage) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(header [8] int64, payload [N + 3B + P] int64 or None)`` on the CPU."""
+    tables = msg.block_tables
+    ids = [t for seq in msg.token_ids for t in seq]
+    pages = [p for table in tables for p in table]
+    b = len(msg.token_ids)
+    if not len(msg.context_lens) == len(tables) == b:
+        raise ValueError(f"{b} sequences but {len(msg.context_lens)} lengths, {len(tables)} tables")
+    header = torch.tensor(
+        [MAGIC, VERSION, int(msg.op), msg.seq, b, len(ids), len(pages), msg.page_size],
+        dtype=torch.int64,
+    )
+    if msg.op is not Op.STEP:
+        return header, None
+    query_lens = [len(seq) for seq in msg.token_ids]
+    table_lens = [len(table) for table in tables]
+    payload = torch.tensor(
+        ids + query_lens + list(msg.context_lens) + table_lens + pages, dtype=torch.int64
+    )
+    return header, payload
+
+
+def decode_header(header: torch.Tensor) -> Header:
+    values = header.tolist()
+    if len(values) != HEADER_LEN or values[0] != MAGIC:
+        raise StepFormatError(f"not a kimi-grpc step header: {values[:2]}")
+    if values[1] != VERSION:
+        raise StepFormatError(
+            f"step metadata version {values[1]}, this build speaks version {VERSION}: "
+            "every rank must run the same kimi-grpc build"
+        )
+    try:
+        op = Op(values[2])
+    except ValueError:
+        raise StepFormatError(f"unknown step op {values[2]}") from None
+    parsed = Header(op, *values[3:])
+    if min(parsed.num_seqs, parsed.num_tokens, parsed.num_pages, parsed.page_size) < 0:
+        raise StepFormatError(f"negative sizes in step header {values}")
+    return parsed
+
+
+def decode(header: Header, payload: torch.Tensor | None) -> StepMessage:
+    """The message for ``header`` (and, for STEP, its payload)."""
+    if header.op is not Op.STEP:
+        return StepMessage(header.op, header.seq)
+    if payload is None or payload.numel() != header.payload_len:
+        got = None if payload is None else payload.numel()
+        raise StepFormatError(f"step payload holds {got} values, header says {header.payload_len}")
+    values = payload.tolist()
+    b, n = header.num_seqs, header.num_tokens
+    ids = values[:n]
+    query_lens = values[n : n + b]
+    context_lens = values[n + b : n + 2 * b]
+    table_lens = values[n + 2 * b : n + 3 * b]
+    pages = values[n + 3 * b :]
+    if sum(query_lens) != n or sum(table_lens) != header.num_pages:
+        raise StepFormatError("step payload lengths do not add up to the header's sizes")
+    return StepMessage(
+        Op.STEP,
+        header.seq,
+        token_ids=_split(ids, query_lens),
+        context_lens=context_lens,
+        block_tables=_split(pages, table_lens),
+        page_size=header.page_size,
+    )
+
+
+def _split(flat: list[int], lengths: list[int]) -> list[list[int]]:
+    ends = list(accumulate(lengths))
+    return [flat[end - n : end] for n, end in zip(lengths, ends, strict=True)]
