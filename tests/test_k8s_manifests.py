@@ -35,7 +35,9 @@ HEALTH_SERVICES = {"", "kimi.v1.InferenceService"}  # what kimi_grpc/server/app.
 LWS_INJECTED = {"LWS_LEADER_ADDRESS": "kimi-grpc-0.kimi-grpc.kimi-grpc", "LWS_WORKER_INDEX": "1"}
 LWS_INJECTED_ALL = {*LWS_INJECTED, "LWS_GROUP_SIZE"}
 KV_BYTES_PER_TOKEN = 576 * 2 * 61  # latent 512 + rope 64, bf16, 61 layers: 70,272 B
-WEIGHT_BYTES = 594e9  # Kimi K2.6 INT4 on disk
+# Kimi K2.6 INT4 (594.5 GB): split across the ranks, except ~2.5 GB every rank holds (q_a/kv_a
+# projections, norms, router gates) — the memory plan's count (TP8: 76.5 GB per rank).
+SHARDED_WEIGHT_BYTES, REPLICATED_WEIGHT_BYTES = 592.0e9, 2.5e9
 GIB = 1024**3
 
 
@@ -461,7 +463,8 @@ def test_sizing_fits_the_gpus(rendered):
     tp = int(config["TENSOR_PARALLEL_SIZE"])
     kv = int(config["KV_CACHE_MEMORY"])
     gpu_bytes = {8: 143_771 * 2**20, 16: 81_559 * 2**20}[tp]  # H200 141 GB; H100 80 GB
-    assert WEIGHT_BYTES / tp + kv + 10 * GIB <= gpu_bytes, name
+    weights = SHARDED_WEIGHT_BYTES / tp + REPLICATED_WEIGHT_BYTES
+    assert weights + kv + 10 * GIB <= gpu_bytes, name
     assert kv // KV_BYTES_PER_TOKEN >= int(config["MAX_MODEL_LEN"]), name
 
 
