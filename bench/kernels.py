@@ -7,7 +7,8 @@ Cases: ``int4_moe_experts`` (384 experts, top-8, group 32) at demo widths (H=128
 small K2-like widths (H=1024, I=256) for T in {1, 8, 64}; ``mla_decode`` at demo widths (4 heads,
 D=80, rank 64) and K2 per-rank widths (8 heads, D=576, rank 512) for B in {1, 8, 64} and context
 {512, 4096} (page size 64, shuffled pages). Each timing is the median of repeated calls after a
-warm-up. Goal: native >= 2x the reference on 2 cores.
+warm-up. Goal: native >= 2x the reference on 2 cores. The CUDA kernels have their own benchmark,
+``bench/kernels_cuda.py`` (peaks first, then ratios to them; run by ``scripts/gpu_check.sh``).
 """
 
 from __future__ import annotations
