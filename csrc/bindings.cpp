@@ -14,18 +14,9 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits, const
                                                  bool renormalize, double routed_scaling_factor) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 2,
               "moe_route: router_logits must be a 2-D float32 CPU tensor");
+  const int64_t num_experts = kimi::check_moe_route_args(logits, bias, top_k, n_group, topk_group);
   const at::Tensor x = logits.contiguous();
-  const int64_t num_tokens = x.size(0), num_experts = x.size(1);
-  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.dim() == 1 &&
-                                    bias.size(0) == num_experts && bias.device().is_cpu()),
-              "moe_route: correction_bias must be empty or float32 [num_experts]");
-  TORCH_CHECK(n_group >= 1 && num_experts % n_group == 0,
-              "moe_route: num_experts must be divisible by n_group");
-  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_route: topk_group out of range");
-  TORCH_CHECK(n_group == 1 || num_experts / n_group >= 2,
-              "moe_route: group-limited routing needs >= 2 experts per group");
-  TORCH_CHECK(top_k >= 1 && top_k <= topk_group * (num_experts / n_group),
-              "moe_route: top_k exceeds the experts of the selected groups");
+  const int64_t num_tokens = x.size(0);
   const at::Tensor b = bias.contiguous();
   at::Tensor weights = at::empty({num_tokens, top_k}, x.options());
   at::Tensor ids = at::empty({num_tokens, top_k}, x.options().dtype(at::kInt));

@@ -11,28 +11,21 @@
 
 namespace {
 
+void check_cuda_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
 std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, const at::Tensor& bias,
                                                   int64_t top_k, int64_t n_group,
                                                   int64_t topk_group, bool renormalize,
                                                   double routed_scaling_factor) {
   TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.dim() == 2,
               "moe_route: router_logits must be a 2-D float32 CUDA tensor");
-  const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
-  TORCH_CHECK(num_experts <= kimi::kMoeRouteMaxExperts, "moe_route: at most ",
-              kimi::kMoeRouteMaxExperts, " experts on CUDA, got ", num_experts);
-  TORCH_CHECK(
-      bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.dim() == 1 &&
-                            bias.size(0) == num_experts && bias.device() == logits.device()),
-      "moe_route: correction_bias must be empty or float32 [num_experts] on the logits' "
-      "device");
-  TORCH_CHECK(n_group >= 1 && num_experts % n_group == 0,
-              "moe_route: num_experts must be divisible by n_group");
-  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_route: topk_group out of range");
-  TORCH_CHECK(n_group == 1 || num_experts / n_group >= 2,
-              "moe_route: group-limited routing needs >= 2 experts per group");
-  TORCH_CHECK(top_k >= 1 && top_k <= kimi::kMoeRouteMaxTopK &&
-                  top_k <= topk_group * (num_experts / n_group),
-              "moe_route: top_k out of range");
+  const int64_t num_tokens = logits.size(0);
+  const int64_t num_experts = kimi::check_moe_route_args(logits, bias, top_k, n_group, topk_group);
+  TORCH_CHECK(num_experts <= kimi::kMoeRouteMaxExperts && top_k <= kimi::kMoeRouteMaxTopK,
+              "moe_route: at most ", kimi::kMoeRouteMaxExperts, " experts and top_k ",
+              kimi::kMoeRouteMaxTopK, " on CUDA, got ", num_experts, " and top_k ", top_k);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
   const at::Tensor b = bias.contiguous();
@@ -42,12 +35,8 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, cons
       x.data_ptr<float>(), b.numel() ? b.data_ptr<float>() : nullptr, num_tokens, num_experts,
       top_k, n_group, topk_group, renormalize, static_cast<float>(routed_scaling_factor),
       weights.data_ptr<float>(), ids.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "moe_route: kernel launch failed: ", cudaGetErrorString(err));
+  check_cuda_launch(err, "moe_route");
   return {weights, ids};
-}
-
-void check_cuda_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 
 // The kernels read with 16-byte vector loads: a contiguous view at an unaligned storage offset is

@@ -6,6 +6,25 @@
 
 namespace kimi {
 
+// moe_route: logits [T, E] (dtype and device checked by the backend), bias empty or float32 [E] on
+// the logits' device, a valid group layout and top_k. Returns E.
+inline int64_t check_moe_route_args(const at::Tensor& logits, const at::Tensor& bias, int64_t top_k,
+                                    int64_t n_group, int64_t topk_group) {
+  const int64_t num_experts = logits.size(1);
+  TORCH_CHECK(
+      bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.dim() == 1 &&
+                            bias.size(0) == num_experts && bias.device() == logits.device()),
+      "moe_route: correction_bias must be empty or float32 [num_experts] on the logits' device");
+  TORCH_CHECK(n_group >= 1 && num_experts % n_group == 0,
+              "moe_route: num_experts must be divisible by n_group");
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_route: topk_group out of range");
+  TORCH_CHECK(n_group == 1 || num_experts / n_group >= 2,
+              "moe_route: group-limited routing needs >= 2 experts per group");
+  TORCH_CHECK(top_k >= 1 && top_k <= topk_group * (num_experts / n_group),
+              "moe_route: top_k exceeds the experts of the selected groups");
+  return num_experts;
+}
+
 struct MoeShape {
   int64_t num_tokens, hidden, inter, num_experts, top_k;
 };

@@ -371,10 +371,6 @@ int k_warps_for(int64_t k) {
   return blocks >= 8 ? 8 : blocks >= 4 ? 4 : blocks >= 2 ? 2 : 1;
 }
 
-int64_t max_tiles(int64_t n_pairs, int64_t num_experts, int64_t tile_tokens) {
-  return moe_align_max_tiles(n_pairs, num_experts, tile_tokens);
-}
-
 struct Workspace {
   TileList tiles;
   __nv_bfloat16* act;  // [n_pairs, I]
@@ -388,7 +384,8 @@ Workspace carve(void* base, int64_t n_pairs, int64_t num_experts, int64_t inter,
     at += align_up(bytes);
     return p;
   };
-  const int64_t tiles = max_tiles(n_pairs, num_experts, 8);  // 8-token tiles need the most
+  const int64_t tiles =
+      moe_align_max_tiles(n_pairs, num_experts, 8);  // 8-token tiles need the most
   Workspace ws;
   ws.tiles.sorted_pairs = reinterpret_cast<int32_t*>(take(n_pairs * sizeof(int32_t)));
   ws.tiles.expert = reinterpret_cast<int32_t*>(take(tiles * sizeof(int32_t)));
@@ -437,7 +434,7 @@ int64_t int4_moe_chunk_tokens(const Int4MoeArgs& args) {
 
 size_t int4_moe_workspace_bytes(const Int4MoeArgs& args) {
   const int64_t n_pairs = int4_moe_chunk_tokens(args) * args.top_k;
-  const int64_t tiles = max_tiles(n_pairs, args.num_experts, 8);
+  const int64_t tiles = moe_align_max_tiles(n_pairs, args.num_experts, 8);
   return align_up(n_pairs * sizeof(int32_t)) + 3 * align_up(tiles * sizeof(int32_t)) +
          align_up(sizeof(int32_t)) + align_up(n_pairs * args.inter * sizeof(__nv_bfloat16)) +
          align_up(n_pairs * args.hidden * sizeof(__nv_bfloat16));
@@ -452,7 +449,6 @@ cudaError_t int4_moe_cuda_launch(const Int4MoeArgs& args, void* workspace, cudaS
   const int64_t chunk = int4_moe_chunk_tokens(args);
   const Workspace ws =
       carve(workspace, chunk * args.top_k, args.num_experts, args.inter, args.hidden);
-  const size_t align_smem = 2 * static_cast<size_t>(args.num_experts) * sizeof(int);
   for (int64_t t0 = 0; t0 < args.num_tokens; t0 += chunk) {
     const int64_t tokens = std::min(chunk, args.num_tokens - t0);
     const int64_t n_pairs = tokens * args.top_k;
@@ -461,8 +457,11 @@ cudaError_t int4_moe_cuda_launch(const Int4MoeArgs& args, void* workspace, cudaS
     // byte then feeds 4x the MMAs. The per-output arithmetic is the same for both tile sizes.
     const bool wide = n_pairs >= 16 * args.num_experts;
     const int tile_tokens = wide ? 32 : 8;
-    moe_align_kernel<<<1, kAlignThreads, align_smem, stream>>>(
-        ids, static_cast<int>(n_pairs), static_cast<int>(args.num_experts), tile_tokens, ws.tiles);
+    const TileList& t = ws.tiles;
+    const cudaError_t aligned =
+        moe_align_cuda_launch(ids, n_pairs, args.num_experts, tile_tokens, t.sorted_pairs, t.expert,
+                              t.start, t.length, t.count, stream);
+    if (aligned != cudaSuccess) return aligned;
     GemmParams gate_up{args.w13,
                        args.s13,
                        args.x + t0 * args.hidden,
@@ -483,7 +482,7 @@ cudaError_t int4_moe_cuda_launch(const Int4MoeArgs& args, void* workspace, cudaS
                     static_cast<int>(args.top_k),
                     k_warps_for(args.inter),
                     ws.tiles};
-    const int64_t tiles = max_tiles(n_pairs, args.num_experts, tile_tokens);
+    const int64_t tiles = moe_align_max_tiles(n_pairs, args.num_experts, tile_tokens);
     const cudaError_t err = wide ? launch_gemms<4>(gate_up, down, tiles, stream)
                                  : launch_gemms<1>(gate_up, down, tiles, stream);
     if (err != cudaSuccess) return err;
