@@ -160,6 +160,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--kv-cache-memory", type=int, help="bytes for the latent KV cache")
     srv.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     srv.add_argument("--no-prefix-caching", action="store_true")
+    srv.add_argument(
+        "--guided-decoding",
+        choices=("on", "off"),
+        default="on",
+        help="grammar-constrained tool calls and response formats (default on; a request can "
+        "turn it off for itself)",
+    )
     srv.add_argument("--api-key-file", help="file of accepted bearer tokens, one per line")
     srv.add_argument("--tls-cert", help="PEM certificate chain")
     srv.add_argument("--tls-key", help="PEM private key")
@@ -202,6 +209,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine_args = {k: v for k, v in engine_args.items() if v is not None}
     if args.no_prefix_caching:
         engine_args["enable_prefix_caching"] = False
+    engine_args["guided_decoding"] = args.guided_decoding == "on"
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.max_queued_requests > 0:

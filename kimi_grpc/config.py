@@ -449,6 +449,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9  # CUDA without kv_cache_memory: share of free memory
     enable_prefix_caching: bool = True
     seed: int = 0  # the shared generator of requests without their own seed
+    guided_decoding: bool = True  # load the grammar engine (tool calls / JSON by construction)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "page_size"):

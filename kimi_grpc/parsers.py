@@ -29,6 +29,17 @@ Rules beyond the states (problems are reported in ``ParsedOutput.errors``, never
 * Streaming holds back only possible marker prefixes and whitespace that may be stripped; a call's
   first delta (id + name) goes out at its argument marker, or, when the name must be inferred
   from the arguments, at the end of the call together with all its arguments.
+
+Token mode (``StreamParser(markers_as_tokens=True)``): in text mode a marker is recognised wherever
+its spelling appears, so a tool argument that quotes ``<|tool_call_end|>`` (as ordinary BPE tokens)
+splits the call. In token mode the caller says which text is the text of one special token
+(:meth:`StreamParser.feed_marker`) and which is ordinary (:meth:`StreamParser.feed_text`; see
+:class:`kimi_grpc.special_text.SpecialTokenText`). Ordinary text is never structure and is kept
+verbatim (reasoning and content are only stripped). A special token's text means what its spelling
+means in text mode at that point (structure, or kept as argument/id text inside a call); where
+text mode would remove it from reasoning or content it is dropped, as is the text of any special
+token that is not in :data:`MARKERS` (e.g. a reserved slot). With no marker spelling inside
+ordinary text, both modes give the same result.
 """
 
 from __future__ import annotations
@@ -173,6 +184,9 @@ class _Strip:
         self.parts.append(out)
         return out
 
+    def close(self) -> None:
+        """No more text: only strippable whitespace can be held, and it is dropped."""
+
 
 class _TextSink(_Strip):
     """A reasoning/content stream: removes every marker (to a fixpoint), then strips.
@@ -261,11 +275,14 @@ def _loads(text: str) -> tuple[bool, Any]:
 
 
 class StreamParser:
-    """Incremental parser: :meth:`feed` text deltas, then :meth:`finish` once.
+    """Incremental parser: :meth:`feed` text deltas (token mode: :meth:`feed_text` and
+    :meth:`feed_marker`), then :meth:`finish` once.
 
     ``thinking`` says the prompt ended with ``<think>`` (output starts inside reasoning);
     ``tools`` are the request's declarations (used to resolve ids without a name);
-    ``first_call_index`` numbers calls whose id has no counter (calls earlier in the chat).
+    ``first_call_index`` numbers calls whose id has no counter (calls earlier in the chat);
+    ``markers_as_tokens`` selects token mode (see the module docstring). In both modes the result
+    does not depend on how the text is split into calls, and the deltas concatenate to it.
     """
 
     def __init__(
@@ -274,13 +291,16 @@ class StreamParser:
         thinking: bool,
         tools: Sequence[Mapping[str, Any]] | None = None,
         first_call_index: int = 0,
+        markers_as_tokens: bool = False,
     ) -> None:
+        self._markers_as_tokens = markers_as_tokens
         self._state = _REASONING if thinking else _CONTENT
         self._tools = _declared(tools)
         self._first_call_index = first_call_index
         self._pending = ""  # a possible marker prefix at the end of the text fed so far
-        self._reasoning = _TextSink()
-        self._content = _TextSink()
+        sink = _Strip if markers_as_tokens else _TextSink  # token mode: ordinary text is verbatim
+        self._reasoning = sink()
+        self._content = sink()
         self._at_start = True  # nothing but whitespace/specials yet: a <think> opens reasoning
         self._explicit_section = False
         self._dropped_text = False
@@ -293,9 +313,8 @@ class StreamParser:
         self._out_calls: list[tuple[int, str | None, str | None, list[str]]] = []
 
     def feed(self, text_delta: str) -> StreamDelta:
-        """Consume the next piece of output; return what can be emitted now."""
-        if self._result is not None:
-            raise RuntimeError("StreamParser.feed() after finish()")
+        """Text mode: consume the next piece of output; return what can be emitted now."""
+        self._check_feed("feed", token_mode=False)
         if not text_delta:
             return _NO_DELTA
         if not self._pending and "<" not in text_delta and "[" not in text_delta:
@@ -325,6 +344,28 @@ class StreamParser:
                 self._text(text[pos : m.start()])
             self._marker(lex.roles[m.group()])
             pos = m.end()
+        return self._delta()
+
+    def feed_text(self, text: str) -> StreamDelta:
+        """Token mode: consume ordinary (non-special-token) output text; it is never structure."""
+        self._check_feed("feed_text", token_mode=True)
+        if text:
+            self._text(text)
+        return self._delta()
+
+    def feed_marker(self, text: str) -> StreamDelta:
+        """Token mode: consume the text of exactly one special token. A known marker is structure
+        where text mode would treat its spelling as structure; inside a call id or arguments any
+        other special token's text is kept as text (as in text mode); anything else is dropped."""
+        self._check_feed("feed_marker", token_mode=True)
+        if self._state >= _CALL_ID:
+            role = _TOOL_ROLES.get(text)
+            if role is None:
+                self._text(text)
+            else:
+                self._marker(role)
+        elif role := _TEXT_ROLES.get(text):
+            self._marker(role)
         return self._delta()
 
     def finish(self) -> StreamDelta:
@@ -359,6 +400,14 @@ class StreamParser:
         if self._result is None:
             raise RuntimeError("StreamParser.result read before finish()")
         return self._result
+
+    def _check_feed(self, method: str, *, token_mode: bool) -> None:
+        if self._result is not None:
+            raise RuntimeError(f"StreamParser.{method}() after finish()")
+        if self._markers_as_tokens != token_mode:
+            use = "feed_text()/feed_marker()" if self._markers_as_tokens else "feed()"
+            mode = "token" if self._markers_as_tokens else "text"
+            raise RuntimeError(f"StreamParser.{method}() in {mode} mode: use {use}")
 
     # -- the state machine ----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from kimi_grpc.engine.llm_engine import EngineStats, LLMEngine, SequenceDelta
+from kimi_grpc.guided import Constraint
 from kimi_grpc.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine loop failed; the server must report NOT_SERVING and restart."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine ended this request with an error (e.g. a token its grammar refused)."""
 
 
 @dataclass
@@ -57,6 +62,7 @@ class AsyncLLM:
         request_id: str | None = None,
         priority: int = 0,
         session_id: str | None = None,
+        constraint: Constraint | None = None,
         coalesce: bool = False,
     ) -> AsyncIterator[SequenceDelta]:
         """Streams the request's deltas until all ``params.n`` completions finish. Validation
@@ -64,7 +70,9 @@ class AsyncLLM:
         session-fair admission (see ``LLMEngine.add_request``). ``coalesce``: when the consumer
         has fallen behind, merge the deltas already queued for a completion into one (fewer,
         larger messages exactly when per-message cost is what holds the consumer back; a
-        consumer that keeps up still gets one delta per token)."""
+        consumer that keeps up still gets one delta per token). ``constraint``: guided decoding
+        (see ``LLMEngine.add_request``); a request the engine fails raises
+        :class:`RequestFailedError` after its last delta."""
         if self.errored is not None:
             raise EngineDeadError(f"engine loop failed: {self.errored!r}")
         loop = asyncio.get_running_loop()
@@ -72,7 +80,7 @@ class AsyncLLM:
         stream = _Stream(loop, asyncio.Queue(), params.n)
         accepted = loop.create_future()
         self._commands.put(
-            ("add", request_id, prompt, params, priority, session_id, stream, accepted)
+            ("add", request_id, prompt, params, priority, session_id, constraint, stream, accepted)
         )
         remaining = params.n
         try:
@@ -90,6 +98,8 @@ class AsyncLLM:
                     raise item
                 if item.finished:
                     remaining -= 1
+                if item.error is not None:
+                    raise RequestFailedError(item.error)
                 yield item
         finally:
             if remaining:
@@ -131,10 +141,15 @@ class AsyncLLM:
         if command[0] == "abort":
             self._dispatch(self.engine.abort_request(command[1]))
             return
-        _, request_id, prompt, params, priority, session_id, stream, accepted = command
+        _, request_id, prompt, params, priority, session_id, constraint, stream, accepted = command
         try:
             self.engine.add_request(
-                request_id, prompt, params, priority=priority, session_id=session_id
+                request_id,
+                prompt,
+                params,
+                priority=priority,
+                session_id=session_id,
+                constraint=constraint,
             )
         except Exception as exc:  # validation / overload: the caller's error, not the engine's
             stream.loop.call_soon_threadsafe(_settle, accepted, exc)
@@ -185,6 +200,7 @@ def _merge(first: SequenceDelta, second: SequenceDelta) -> SequenceDelta:
         text=first.text + second.text,
         logprobs=first.logprobs + second.logprobs,
         queue_time=first.queue_time if first.queue_time is not None else second.queue_time,
+        error=first.error or second.error,
     )
 
 

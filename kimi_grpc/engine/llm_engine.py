@@ -22,6 +22,8 @@ from kimi_grpc.engine.sampler import Sampler, SamplingState, make_generator
 from kimi_grpc.engine.scheduler import Scheduler
 from kimi_grpc.engine.sequence import FinishReason, Sequence, SequenceStatus
 from kimi_grpc.engine.stop_checker import StopChecker
+from kimi_grpc.guided import Constraint, Guide, GuidedStats, GuideError, MaskFiller, StepMasks
+from kimi_grpc.guided.llguidance_backend import LLGuidanceBackend
 from kimi_grpc.model import KimiForCausalLM
 from kimi_grpc.parallel.leader import Leader
 from kimi_grpc.sampling_params import SamplingParams
@@ -55,6 +57,7 @@ class SequenceDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from add_request to first scheduling
+    error: str | None = None  # why the request failed (finish_reason "abort"), e.g. a grammar
 
 
 @dataclass
@@ -65,6 +68,7 @@ class StepTimings:
     schedule: float = 0.0
     prepare: float = 0.0  # building the ForwardBatch on the host
     forward: float = 0.0  # the model
+    mask_wait: float = 0.0  # waiting after the forward for guided-decoding masks
     sample: float = 0.0  # sampling, detokenization, stop checks, bookkeeping
 
     def add(self, **seconds: float) -> None:
@@ -75,7 +79,7 @@ class StepTimings:
     @property
     def overhead_fraction(self) -> float:
         """Host-side share of step time: everything but the model forward."""
-        host = self.schedule + self.prepare + self.sample
+        host = self.schedule + self.prepare + self.mask_wait + self.sample
         return host / max(host + self.forward, 1e-12)
 
 
@@ -136,12 +140,22 @@ class LLMEngine:
             t for t in (tokenizer.im_end_id, tokenizer.eos_id) if t is not None and t not in eos
         ]
         self.eos_token_ids = frozenset(eos)
+        # Guided decoding: one grammar engine per process (tokenizer trie built once); the mask
+        # filler also serves grammar-less constraints (tool_choice none) when it is off.
+        self.guided_stats = GuidedStats()
+        self.grammar_backend: LLGuidanceBackend | None = None
+        if config.guided_decoding:
+            self.grammar_backend = LLGuidanceBackend(
+                tokenizer, eos_token_ids=sorted(self.eos_token_ids), vocab_size=mc.vocab_size
+            )
+        self.mask_filler = MaskFiller(self.grammar_backend, self.guided_stats)
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self.timings = StepTimings()
 
     def shutdown(self) -> None:
         """Stops the tensor-parallel workers (a no-op for a single process)."""
+        self.mask_filler.shutdown()
         if self.leader is not None:
             self.leader.shutdown()
 
@@ -154,8 +168,12 @@ class LLMEngine:
         *,
         priority: int = 0,
         session_id: str | None = None,
+        constraint: Constraint | None = None,
     ) -> list[int]:
         """Validates and queues a request; returns its prompt token ids.
+
+        ``constraint``: guided decoding (grammar compiled by the caller with
+        :attr:`grammar_backend`); each completion follows it with its own :class:`Guide`.
 
         ``session_id`` names the client session (an agent run, a sub-agent) the request belongs
         to: among waiting requests of equal priority, the scheduler admits first those whose
@@ -185,6 +203,11 @@ class LLMEngine:
         if not prompt_ids:
             raise RequestError("prompt", "prompt is empty")
         params.validate_token_ids(self.model.config.vocab_size)
+        if constraint is not None and constraint.uses_grammar:
+            if self.grammar_backend is None:
+                raise RequestError("guided_decoding", "guided decoding is off on this server")
+            if params.ignore_eos:
+                raise RequestError("ignore_eos", "cannot be combined with guided decoding")
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise RequestError(
@@ -233,8 +256,13 @@ class LLMEngine:
                     session_id=session_id,
                 )
             )
+        if constraint is not None:
+            for seq in seqs:
+                seq.sampling.guide = Guide(constraint)
         self.scheduler.add(seqs)
         self.requests[request_id] = seqs
+        if constraint is not None and constraint.uses_grammar:
+            self.guided_stats.add(constrained_requests=1)
         return prompt_ids
 
     def abort_request(self, request_id: str) -> list[SequenceDelta]:
@@ -271,36 +299,80 @@ class LLMEngine:
             return []
         t1 = time.perf_counter()
         batch = self.runner.prepare(out.scheduled)
+        # Rows that sample this step (their prompt and output are all computed after it); their
+        # guided-decoding masks are filled on another thread while the forward runs.
+        rows = [
+            r for r, (s, n) in enumerate(out.scheduled) if s.num_computed_tokens + n == s.num_tokens
+        ]
+        pending = self.mask_filler.start(
+            [
+                (i, seq.sampling.guide, seq.sampling.stop_token_ids)
+                for i, seq in enumerate(out.scheduled[r][0] for r in rows)
+                if seq.sampling.guide is not None
+            ]
+        )
         t2 = time.perf_counter()
         logits = self.runner.forward(batch)
         t3 = time.perf_counter()
+        masks = pending.result() if pending is not None else None
+        t4 = time.perf_counter()
         try:
-            return self._sample_and_advance(out.scheduled, logits)
+            return self._sample_and_advance(out.scheduled, rows, logits, masks)
         finally:
             self.timings.add(
-                schedule=t1 - t0, prepare=t2 - t1, forward=t3 - t2, sample=time.perf_counter() - t3
+                schedule=t1 - t0,
+                prepare=t2 - t1,
+                forward=t3 - t2,
+                mask_wait=t4 - t3,
+                sample=time.perf_counter() - t4,
             )
 
     def _sample_and_advance(
-        self, scheduled: list[tuple[Sequence, int]], logits: torch.Tensor
+        self,
+        scheduled: list[tuple[Sequence, int]],
+        rows: list[int],
+        logits: torch.Tensor,
+        masks: StepMasks | None,
     ) -> list[SequenceDelta]:
         page = self.blocks.page_size
-        rows, ready = [], []
-        for row, (seq, n) in enumerate(scheduled):
+        for seq, n in scheduled:
             seq.num_computed_tokens += n
             if seq.num_computed_tokens // page > len(seq.table.hashes):
                 self.blocks.commit(seq.table, seq.token_ids(), seq.num_computed_tokens)
-            if seq.num_computed_tokens == seq.num_tokens:
-                rows.append(row)
-                ready.append(seq)
-        if not ready:
+        if not rows:
             return []
-        results = self.sampler.sample(logits[rows], [seq.sampling for seq in ready])
-        return [self._advance(seq, result) for seq, result in zip(ready, results, strict=True)]
+        ready = [scheduled[r][0] for r in rows]
+        results = self.sampler.sample(logits[rows], [seq.sampling for seq in ready], masks)
+        failed = frozenset(masks.empty) if masks is not None else frozenset()
+        deltas = []
+        for i, (seq, result) in enumerate(zip(ready, results, strict=True)):
+            if seq.is_finished:  # failed with another completion of its request
+                continue
+            if i in failed:
+                deltas += self._fail(seq, "guided decoding: the grammar allows no next token")
+            else:
+                deltas += self._advance(seq, result)
+        return deltas
 
-    def _advance(self, seq: Sequence, result) -> SequenceDelta:
+    def _fail(self, seq: Sequence, error: str) -> list[SequenceDelta]:
+        """Ends the whole request of ``seq`` with ``error`` (its other completions aborted)."""
+        self.guided_stats.add(rejected_tokens=1)
+        deltas = self.abort_request(seq.request_id)
+        for delta in deltas:
+            if delta.index == seq.index:
+                delta.error = error
+        return deltas
+
+    def _advance(self, seq: Sequence, result) -> list[SequenceDelta]:
         token = result.token_id
         seq.sampling.output_token_ids.append(token)
+        guide = seq.sampling.guide
+        if guide is not None:
+            try:
+                guide.sync(seq.sampling.output_token_ids, seq.sampling.stop_token_ids)
+            except GuideError as exc:
+                seq.sampling.output_token_ids.pop()
+                return self._fail(seq, f"guided decoding refused token {token}: {exc}")
         logprobs = []
         if result.logprob is not None:
             logprobs = [(result.logprob, result.top_logprobs or [])]
@@ -308,7 +380,11 @@ class LLMEngine:
         if token in seq.sampling.stop_token_ids:
             reason, seq.stop_reason = FinishReason.STOP, token
         else:
-            update = seq.stop_checker.push(seq.detokenizer.push(token))
+            piece = seq.detokenizer.push(token)
+            if guide is not None and guide.in_structure:
+                update = seq.stop_checker.pass_through(piece)  # no stop inside a call / JSON
+            else:
+                update = seq.stop_checker.push(piece)
             text = update.text
             if update.stopped:
                 reason, seq.stop_reason = FinishReason.STOP, update.stop_str
@@ -322,7 +398,7 @@ class LLMEngine:
                 text += seq.stop_checker.flush()
             self.scheduler.finish(seq, reason)
             self._forget_if_done(seq.request_id)
-        return self._delta(seq, [token], text, logprobs)
+        return [self._delta(seq, [token], text, logprobs)]
 
     def _forget_if_done(self, request_id: str) -> None:
         seqs = self.requests.get(request_id)

@@ -15,6 +15,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    error: str | None = None  # why the engine failed it (finish_reason "abort")
 
 
 @dataclass
@@ -53,3 +54,4 @@ class RequestOutput:
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         if delta.finished:
             out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
+            out.error = delta.error

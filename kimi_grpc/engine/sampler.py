@@ -1,10 +1,11 @@
 """Batched sampling: one step's logits ``[B, V]`` for B running completions -> B next tokens.
 
-Order (vLLM's): raw logprobs (when asked) -> min_tokens (stop ids get -inf) -> logit_bias ->
-repetition / frequency / presence penalties -> greedy argmax, or temperature -> top-k -> top-p ->
-min-p -> draw. The sampler knows nothing about scheduling: the engine keeps one
-:class:`SamplingState` per running completion, appends each sampled token to its
-``output_token_ids`` and decides when it finishes.
+Order (vLLM's): raw logprobs (when asked) -> guided-decoding masks (disallowed ids get -inf) ->
+min_tokens (stop ids get -inf) -> logit_bias -> repetition / frequency / presence penalties ->
+greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. Logprobs are those of the raw
+distribution, before any mask (vLLM's default "raw" logprobs). The sampler knows nothing about
+scheduling: the engine keeps one :class:`SamplingState` per running completion, appends each
+sampled token to its ``output_token_ids`` and decides when it finishes.
 
 Seeded completions draw with their own ``torch.Generator`` (one per row, never a shared stream)
 and every step of their filtering is row-local, so a seeded completion's tokens do not depend on
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kimi_grpc.guided import Guide, StepMasks, apply_masks
 from kimi_grpc.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 
@@ -43,6 +45,7 @@ class SamplingState:
     # eos ids (unless params.ignore_eos) | params.stop_token_ids; masked while under min_tokens.
     stop_token_ids: frozenset[int] = frozenset()
     generator: torch.Generator | None = None  # make_generator(seed, device)
+    guide: Guide | None = None  # guided decoding: what this completion may sample next
     # Penalty caches, filled lazily by the sampler: the prompt's distinct ids (on the logits'
     # device) and a CPU copy of output_token_ids extended with the new tokens each step.
     _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -196,9 +199,15 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
-    def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:
-        """logits: ``[B, V]`` float32 (any float dtype is upcast), row b belongs to states[b].
-        Returns one result per row; ``logits`` is not modified."""
+    def sample(
+        self,
+        logits: torch.Tensor,
+        states: list[SamplingState],
+        masks: StepMasks | None = None,
+    ) -> list[SampleResult]:
+        """logits: ``[B, V]`` float32 (any float dtype is upcast), row b belongs to states[b];
+        ``masks``: the guided rows' masks for this batch. Returns one result per row; ``logits``
+        is not modified."""
         assert logits.dim() == 2 and logits.shape[0] == len(states), (logits.shape, len(states))
         batch = logits.shape[0]
         device = logits.device
@@ -210,7 +219,8 @@ class Sampler:
         lp_rows = [b for b, s in enumerate(states) if s.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(raw[lp_rows], dim=-1) if lp_rows else None
 
-        x = self.process_logits(raw, states)  # [B, V] f32, a copy when anything applied
+        x = raw if masks is None else apply_masks(raw, masks)
+        x = self.process_logits(x, states)  # [B, V] f32, a copy when anything applied
 
         token_ids = torch.empty(batch, dtype=torch.int64, device=device)
         greedy = [b for b, s in enumerate(states) if s.params.temperature < GREEDY_TEMPERATURE]
@@ -248,16 +258,19 @@ class Sampler:
         device = raw.device
         x = raw
 
-        # min_tokens: stop ids -> -inf while the output is shorter than min_tokens.
+        # min_tokens: stop ids -> -inf while the output is shorter than min_tokens (unless a
+        # complete grammar allows nothing but the end).
         rows: list[int] = []
         cols: list[int] = []
         for b, s in enumerate(states):
+            if s.guide is not None and s.guide.stopped:
+                continue
             if len(s.output_token_ids) < s.params.min_tokens and s.stop_token_ids:
                 rows.extend([b] * len(s.stop_token_ids))
                 cols.extend(s.stop_token_ids)
         if rows:
             _check_ids(cols, vocab, "stop_token_ids")
-            x = x.clone()
+            x = x.clone() if x is raw else x
             x[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = float("-inf")
 
         # logit_bias, added.

@@ -76,6 +76,16 @@ class StopChecker:
         self._unsent = held
         return StopUpdate(text[sent_end : len(text) - held], False, None)
 
+    def pass_through(self, text_delta: str) -> StopUpdate:
+        """Like :meth:`push` for text that must not be matched (inside a tool call or JSON value
+        under guided decoding): emits the held-back text and ``text_delta``; matching resumes on
+        later pushes, from after this text."""
+        if self.stopped:
+            return StopUpdate("", True, self.stop_str)
+        text = self.flush() + text_delta
+        self._window = ""
+        return StopUpdate(text, False, None)
+
     def flush(self) -> str:
         """End of stream without a stop match: the held-back text (empty after a match)."""
         text = self._window[len(self._window) - self._unsent :] if self._unsent else ""

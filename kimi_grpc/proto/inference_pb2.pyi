@@ -36,6 +36,13 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_INSTANT: _ClassVar[Mode]
     MODE_THINKING: _ClassVar[Mode]
     MODE_AGENT: _ClassVar[Mode]
+
+class ResponseFormatType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESPONSE_FORMAT_TYPE_UNSPECIFIED: _ClassVar[ResponseFormatType]
+    RESPONSE_FORMAT_TYPE_TEXT: _ClassVar[ResponseFormatType]
+    RESPONSE_FORMAT_TYPE_JSON_OBJECT: _ClassVar[ResponseFormatType]
+    RESPONSE_FORMAT_TYPE_JSON_SCHEMA: _ClassVar[ResponseFormatType]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -54,6 +61,10 @@ MODE_UNSPECIFIED: Mode
 MODE_INSTANT: Mode
 MODE_THINKING: Mode
 MODE_AGENT: Mode
+RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormatType
+RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType
+RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType
+RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType
 
 class SamplingParams(_message.Message):
     __slots__ = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "max_tokens", "min_tokens", "logprobs", "logit_bias", "skip_special_tokens")
@@ -151,7 +162,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "allow_special_tokens", "sampling", "session_id", "priority")
+    __slots__ = ("request_id", "text", "token_ids", "allow_special_tokens", "sampling", "session_id", "priority", "response_format")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +170,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
@@ -166,7 +178,8 @@ class GenerateRequest(_message.Message):
     sampling: SamplingParams
     session_id: str
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., allow_special_tokens: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+    response_format: ResponseFormat
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., allow_special_tokens: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., priority: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
@@ -233,14 +246,16 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., reasoning_content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Tool(_message.Message):
-    __slots__ = ("name", "description", "parameters_json")
+    __slots__ = ("name", "description", "parameters_json", "strict")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     parameters_json: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters_json: _Optional[str] = ...) -> None: ...
+    strict: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters_json: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class ToolChoice(_message.Message):
     __slots__ = ("mode", "function_name")
@@ -251,7 +266,7 @@ class ToolChoice(_message.Message):
     def __init__(self, mode: _Optional[_Union[ToolChoiceMode, str]] = ..., function_name: _Optional[str] = ...) -> None: ...
 
 class AgentStepRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "tools", "tool_choice", "mode", "thinking_budget", "sampling", "session_id", "priority", "preserve_thinking", "chat_template_kwargs_json", "final_only")
+    __slots__ = ("request_id", "messages", "tools", "tool_choice", "mode", "thinking_budget", "sampling", "session_id", "priority", "preserve_thinking", "chat_template_kwargs_json", "final_only", "response_format", "parallel_tool_calls", "guided_decoding")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +279,9 @@ class AgentStepRequest(_message.Message):
     PRESERVE_THINKING_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_DECODING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     tools: _containers.RepeatedCompositeFieldContainer[Tool]
@@ -276,7 +294,20 @@ class AgentStepRequest(_message.Message):
     preserve_thinking: bool
     chat_template_kwargs_json: str
     final_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., thinking_budget: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., priority: _Optional[int] = ..., preserve_thinking: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ..., final_only: _Optional[bool] = ...) -> None: ...
+    response_format: ResponseFormat
+    parallel_tool_calls: bool
+    guided_decoding: bool
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., thinking_budget: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., priority: _Optional[int] = ..., preserve_thinking: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ..., final_only: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., guided_decoding: _Optional[bool] = ...) -> None: ...
+
+class ResponseFormat(_message.Message):
+    __slots__ = ("type", "json_schema", "name")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    type: ResponseFormatType
+    json_schema: str
+    name: str
+    def __init__(self, type: _Optional[_Union[ResponseFormatType, str]] = ..., json_schema: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ToolCallDelta(_message.Message):
     __slots__ = ("index", "id", "name", "arguments")
@@ -407,7 +438,7 @@ class GetServerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("running", "waiting", "kv_pages_total", "kv_pages_used", "kv_pages_cached", "page_size", "uptime_seconds", "num_preemptions", "prompt_tokens_total", "cached_tokens_total", "draining")
+    __slots__ = ("running", "waiting", "kv_pages_total", "kv_pages_used", "kv_pages_cached", "page_size", "uptime_seconds", "num_preemptions", "prompt_tokens_total", "cached_tokens_total", "draining", "guided_decoding")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -419,6 +450,7 @@ class GetServerStatusResponse(_message.Message):
     PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_DECODING_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_pages_total: int
@@ -430,7 +462,24 @@ class GetServerStatusResponse(_message.Message):
     prompt_tokens_total: int
     cached_tokens_total: int
     draining: bool
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., page_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    guided_decoding: GuidedDecodingStatus
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., page_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., draining: _Optional[bool] = ..., guided_decoding: _Optional[_Union[GuidedDecodingStatus, _Mapping]] = ...) -> None: ...
+
+class GuidedDecodingStatus(_message.Message):
+    __slots__ = ("enabled", "constrained_requests", "lenient_fallbacks", "rejected_tokens", "masks", "mask_seconds")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    LENIENT_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    MASK_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    constrained_requests: int
+    lenient_fallbacks: int
+    rejected_tokens: int
+    masks: int
+    mask_seconds: float
+    def __init__(self, enabled: _Optional[bool] = ..., constrained_requests: _Optional[int] = ..., lenient_fallbacks: _Optional[int] = ..., rejected_tokens: _Optional[int] = ..., masks: _Optional[int] = ..., mask_seconds: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_ids",)

@@ -1,18 +1,26 @@
 """One AgentStep: render the chat, generate the assistant turn, parse it as it streams.
 
 Modes map onto the K2.6 template's ``thinking`` switch: INSTANT renders ``<think></think>`` (no
-reasoning); THINKING and AGENT leave the prompt inside ``<think>``. Two things the model cannot be
-trusted to do by itself are enforced by *phases*: the step stops the engine request at a token
-boundary, appends forced tokens, and continues with a new engine request on prompt + everything
-so far (the prefix cache makes the continuation's prefill nearly free):
+reasoning); THINKING and AGENT leave the prompt inside ``<think>``.
 
-- thinking budget: after ``thinking_budget`` reasoning tokens without ``</think>``, force it;
-- tool_choice REQUIRED / a named function: when reasoning ends (or at once in INSTANT mode), force
-  ``<|tool_calls_section_begin|><|tool_call_begin|>`` so the turn calls a tool (for a named
+Guided decoding (on by default when the server enables it and the request declares tools or a
+response format) makes the turn valid by construction: the engine constrains everything after
+the reasoning with the Kimi tool-call grammar (``kimi_grpc.guided``): only declared tools, their
+arguments valid for their schemas, exactly one call of a named tool, at least one call for
+REQUIRED, JSON content for a response format. tool_choice NONE bans the tool markers outright.
+
+What the engine cannot do inside one request is done by *phases*: the step stops the engine
+request at a token boundary, appends forced tokens, and continues with a new engine request on
+prompt + everything so far (the prefix cache makes the continuation's prefill nearly free):
+
+- thinking budget: after ``thinking_budget`` reasoning tokens without ``</think>``, force it (the
+  continuation's grammar starts after it);
+- without guided decoding, tool_choice REQUIRED / a named function: when reasoning ends (or at
+  once in INSTANT mode), force ``<|tool_calls_section_begin|><|tool_call_begin|>`` (for a named
   function also ``functions.NAME:N<|tool_call_argument_begin|>``).
 
-tool_choice NONE biases the two tool-opening tokens to -100. The parser sees the forced text like
-any other output, so deltas, the final message and a later re-render all agree.
+The parser sees the forced text like any other output, so deltas, the final message and a later
+re-render all agree.
 """
 
 from __future__ import annotations
@@ -24,12 +32,15 @@ from typing import Any
 import grpc
 
 from kimi_grpc.chat import ChatError, RenderedChat
-from kimi_grpc.parsers import StreamDelta, StreamParser
+from kimi_grpc.guided import Constraint, GrammarError
+from kimi_grpc.guided.constraint import build_constraint
+from kimi_grpc.parsers import StreamParser
 from kimi_grpc.proto import inference_pb2 as pb
 from kimi_grpc.server import convert
 from kimi_grpc.server.errors import ServiceError, engine_errors, invalid
 from kimi_grpc.server.metrics import RequestClock, ServerMetrics
 from kimi_grpc.server.runtime import Call, LoadedModel
+from kimi_grpc.special_text import SpecialTokenText
 
 # Kimi's recommended sampling per mode (kimi-spec.md 6.1).
 MODE_DEFAULTS: dict[int, dict[str, float]] = {
@@ -41,7 +52,11 @@ THINK_END = "</think>"
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
 CALL_BEGIN = "<|tool_call_begin|>"
 ARGUMENT_BEGIN = "<|tool_call_argument_begin|>"
-TOOL_SUPPRESSION_BIAS = -100.0
+TOOL_CHOICES = {
+    pb.TOOL_CHOICE_MODE_AUTO: "auto",
+    pb.TOOL_CHOICE_MODE_REQUIRED: "required",
+    pb.TOOL_CHOICE_MODE_NONE: "none",
+}
 
 
 def _special_ids(model: LoadedModel, *names: str) -> list[int]:
@@ -116,6 +131,11 @@ class AgentStep:
         if budget is not None and budget < 0:
             raise invalid("thinking_budget", f"must be >= 0, got {budget}")
         self.budget = budget if self.thinking else None
+        self.response_schema = convert.response_schema(request.response_format)
+        self.parallel_tool_calls = True
+        if request.HasField("parallel_tool_calls"):
+            self.parallel_tool_calls = request.parallel_tool_calls
+        self.guided = self._guided(model)
 
         think_end, section, call, argument = _special_ids(
             model, THINK_END, SECTION_BEGIN, CALL_BEGIN, ARGUMENT_BEGIN
@@ -129,12 +149,50 @@ class AgentStep:
             raise invalid("sampling.logprobs", "is not available in AgentStep; use Generate")
         # Skipping special tokens drops control tokens (<|im_end|>, reserved slots) but keeps the
         # tool markers and think tags (Kimi flags them "special": false), which the parser reads.
-        overrides: dict[str, Any] = {"skip_special_tokens": True}
-        if self.tool_choice_mode == pb.TOOL_CHOICE_MODE_NONE:
-            bias = dict(request.sampling.logit_bias)
-            bias[section] = bias[call] = TOOL_SUPPRESSION_BIAS
-            overrides["logit_bias"] = bias
-        self.params = convert.sampling_params(request.sampling, MODE_DEFAULTS[mode], **overrides)
+        self.params = convert.sampling_params(
+            request.sampling, MODE_DEFAULTS[mode], skip_special_tokens=True
+        )
+
+    def _guided(self, model: LoadedModel) -> bool:
+        """Whether this step runs with a grammar (validates the switch and response_format)."""
+        enabled = model.engine.grammar_backend is not None
+        asked = self.request.guided_decoding if self.request.HasField("guided_decoding") else None
+        if asked and not enabled:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "guided_decoding: the server runs with --guided-decoding off",
+                field="guided_decoding",
+            )
+        guided = enabled and asked is not False
+        if self.response_schema is not None and not guided:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "response_format: needs guided decoding, which is off for this "
+                + ("request" if enabled else "server (--guided-decoding off)"),
+                field="response_format",
+            )
+        return guided and (bool(self.tools) or self.response_schema is not None)
+
+    def constraint(self, rendered: RenderedChat) -> Constraint | None:
+        """The engine constraint for this step (blocking: compiles the grammar)."""
+        try:
+            return build_constraint(
+                self.model.engine.grammar_backend,
+                self.model.tokenizer,
+                self.model.engine.guided_stats,
+                tools=self.tools,
+                tool_choice=TOOL_CHOICES[self.tool_choice_mode],
+                function_name=self.forced_name,
+                parallel_tool_calls=self.parallel_tool_calls,
+                response_schema=self.response_schema,
+                first_call_index=rendered.num_tool_calls,
+                thinking=self.thinking,
+                guided=self.guided,
+                tools_field="tools",
+            )
+        except GrammarError as exc:
+            field = exc.field.replace("].parameters", "].parameters_json")
+            raise invalid(field, exc.message) from None
 
     def _tool_choice(self) -> str | None:
         """Sets ``tool_choice_mode``; returns the forced function name, if any."""
@@ -192,54 +250,83 @@ class AgentStep:
             template_kwargs=self.template_kwargs,
         )
 
-    def _forced_tool_ids(self, first_call_index: int) -> tuple[list[int], str]:
-        ids, text = [self.section_id, self.call_id], SECTION_BEGIN + CALL_BEGIN
+    def _forced_tool_ids(self, first_call_index: int) -> list[int]:
+        ids = [self.section_id, self.call_id]
         if self.forced_name is not None:
             call_id = f"functions.{self.forced_name}:{first_call_index}"
             ids += [*self.model.tokenizer.encode(call_id), self.argument_id]
-            text += call_id + ARGUMENT_BEGIN
-        return ids, text
+        return ids
+
+    def _pieces(self) -> SpecialTokenText:
+        """The text splitter of one engine request (markers count only as special-token ids)."""
+        return SpecialTokenText(self.model.tokenizer, skip_special_tokens=True)
 
     async def run(
-        self, request_id: str, rendered: RenderedChat, call: Call, clock: RequestClock
+        self,
+        request_id: str,
+        rendered: RenderedChat,
+        call: Call,
+        clock: RequestClock,
+        constraint: Constraint | None = None,
     ) -> AsyncIterator[pb.AgentStepResponse]:
-        tokenizer, llm = self.model.tokenizer, self.model.llm
+        llm = self.model.llm
         first_call_index = rendered.num_tool_calls  # ids continue the conversation's count
+        # Token mode: a marker is structure only when it arrives as its special-token id, so a
+        # tool argument quoting "<|tool_call_end|>" as text stays inside its call.
         parser = StreamParser(
-            thinking=self.thinking, tools=self.tools, first_call_index=first_call_index
+            thinking=self.thinking,
+            tools=self.tools,
+            first_call_index=first_call_index,
+            markers_as_tokens=True,
         )
         prompt = rendered.token_ids
         generated: list[int] = []  # every completion token, forced ones included
         pending: list[int] = []  # token ids not yet attached to a sent delta
         reasoning_open, reasoning_tokens = self.thinking, 0
-        must_call = self.tool_choice_mode == pb.TOOL_CHOICE_MODE_REQUIRED
+        # Without a grammar, REQUIRED / a named tool is enforced by forcing the call's opening.
+        must_call = self.tool_choice_mode == pb.TOOL_CHOICE_MODE_REQUIRED and not self.guided
         cached, admitted = 0, False
         finish_reason: str | None = None
+        dropped: list[str] = []  # text of a model marker replaced by the forced call opening
 
-        def respond(out: StreamDelta) -> pb.AgentStepResponse | None:
-            if not (out.reasoning or out.content or out.tool_calls):
+        def respond(pieces: list[tuple[str, bool]]) -> pb.AgentStepResponse | None:
+            reasoning, content, calls = [], [], []
+            for text, special in pieces:
+                if special and dropped and text == dropped[0]:
+                    dropped.pop()
+                    continue
+                out = parser.feed_marker(text) if special else parser.feed_text(text)
+                reasoning.append(out.reasoning)
+                content.append(out.content)
+                calls += out.tool_calls
+            return _response("".join(reasoning), "".join(content), calls)
+
+        def _response(reasoning: str, content: str, calls: list) -> pb.AgentStepResponse | None:
+            if not (reasoning or content or calls):
                 return None
             delta = pb.AgentStepDelta(
-                reasoning=out.reasoning,
-                content=out.content,
+                reasoning=reasoning,
+                content=content,
                 tool_calls=[
                     pb.ToolCallDelta(
                         index=d.index, id=d.id or "", name=d.name or "", arguments=d.arguments
                     )
-                    for d in out.tool_calls
+                    for d in calls
                 ],
                 token_ids=pending,
             )
             pending.clear()
             return pb.AgentStepResponse(delta=delta)
 
-        def force(ids: list[int], text: str) -> pb.AgentStepResponse | None:
+        def force(ids: list[int]) -> pb.AgentStepResponse | None:
             generated.extend(ids)
             pending.extend(ids)
-            return respond(parser.feed(text))
+            forced = self._pieces()
+            forced.push(ids, "")
+            return respond(forced.remainder())
 
         if must_call and not self.thinking:  # INSTANT: the turn opens with the tool call
-            if (r := force(*self._forced_tool_ids(first_call_index))) is not None:
+            if (r := force(self._forced_tool_ids(first_call_index))) is not None:
                 yield r
             must_call = False
 
@@ -249,11 +336,13 @@ class AgentStep:
                 break
             if reasoning_open and self.budget is not None and reasoning_tokens >= self.budget:
                 reasoning_open = False  # budget spent (or 0): close reasoning before generating
-                if (r := force([self.think_end_id], THINK_END)) is not None:
+                if (r := force([self.think_end_id])) is not None:
                     yield r
+                if constraint is not None:  # the grammar starts after the forced </think>
+                    constraint = replace(constraint, start_in_reasoning=False)
                 if must_call:
                     must_call = False
-                    if (r := force(*self._forced_tool_ids(first_call_index))) is not None:
+                    if (r := force(self._forced_tool_ids(first_call_index))) is not None:
                         yield r
             params = self.params
             if params.max_tokens is not None:
@@ -262,7 +351,7 @@ class AgentStep:
                     finish_reason = "length"
                     break
                 params = replace(params, max_tokens=left)
-            phase_start, emitted = len(generated), ""
+            pieces = self._pieces()
             cut: str | None = None
             stream = llm.generate(
                 prompt + generated,
@@ -270,6 +359,7 @@ class AgentStep:
                 request_id=request_id,
                 priority=self.request.priority,
                 session_id=self.request.session_id or None,
+                constraint=constraint,
             )
             try:
                 async for delta in engine_errors(stream, {"prompt": "messages"}):
@@ -277,21 +367,22 @@ class AgentStep:
                         admitted, cached = True, delta.num_cached_tokens
                         clock.admitted(delta)
                     clock.tokens(len(delta.token_ids))
-                    text = delta.text
-                    for token in list(delta.token_ids):
+                    kept = list(delta.token_ids)
+                    for token in delta.token_ids:
                         if reasoning_open and token in self.reasoning_end_ids:
                             reasoning_open = False
+                            if constraint is not None:  # the engine's guide left reasoning too
+                                constraint = replace(constraint, start_in_reasoning=False)
                             if must_call and (token == self.think_end_id or self.forced_name):
                                 cut = "tool"  # reasoning is over: force the call next
                                 if token != self.think_end_id:  # drop the model's own opener
-                                    text = text.removesuffix(tokenizer.decode([token]))
-                                    delta.token_ids.remove(token)
+                                    kept.remove(token)
+                                    dropped.append(self.model.tokenizer.decode([token]))
                         elif reasoning_open:
                             reasoning_tokens += 1
-                    generated.extend(delta.token_ids)
-                    pending.extend(delta.token_ids)
-                    emitted += text
-                    if (r := respond(parser.feed(text))) is not None:
+                    generated.extend(kept)
+                    pending.extend(kept)
+                    if (r := respond(pieces.push(delta.token_ids, delta.text))) is not None:
                         yield r
                     budget = self.budget
                     if cut is None and reasoning_open and budget is not None:
@@ -302,21 +393,21 @@ class AgentStep:
                         break
             finally:
                 await stream.aclose()
-            if cut is None:
-                continue  # the engine finished the turn
-            # Text the engine held back (a partial character or stop-string prefix) is flushed
-            # before the forced tokens so the reasoning stays exactly what was generated.
-            full = tokenizer.decode(generated[phase_start:], skip_special_tokens=True)
-            held = full[len(emitted) :] if full.startswith(emitted) else ""
-            if held and (r := respond(parser.feed(held))) is not None:
+            if cut is None:  # the engine finished the turn (a marker cut by a stop is text)
+                if (r := respond(pieces.finish())) is not None:
+                    yield r
+                continue
+            # Text the engine held back (a partial character or stop-string prefix) is real
+            # output: it goes out before the forced tokens.
+            if (r := respond(pieces.remainder())) is not None:
                 yield r
             if cut == "tool":  # (a budget cut is handled at the top of the loop)
                 must_call = False
-                if (r := force(*self._forced_tool_ids(first_call_index))) is not None:
+                if (r := force(self._forced_tool_ids(first_call_index))) is not None:
                     yield r
 
         final = parser.finish()
-        if (r := respond(final)) is not None:
+        if (r := _response(final.reasoning, final.content, list(final.tool_calls))) is not None:
             yield r
         result = parser.result
         if finish_reason == "stop" and result.tool_calls:

@@ -151,8 +151,27 @@ def tools(decls: Any, field: str = "tools") -> list[dict[str, Any]]:
             function["parameters"] = _json_object(
                 tool.parameters_json, f"{field}[{i}].parameters_json"
             )
+        if tool.HasField("strict"):
+            function["strict"] = tool.strict
         out.append({"type": "function", "function": function})
     return out
+
+
+def response_schema(fmt: pb.ResponseFormat, field: str = "response_format") -> dict | None:
+    """The JSON schema a response format asks for; None for plain text."""
+    if fmt.type in (pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED, pb.RESPONSE_FORMAT_TYPE_TEXT):
+        if fmt.json_schema:
+            raise invalid(f"{field}.json_schema", "is only used with type JSON_SCHEMA")
+        return None
+    if fmt.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+        if fmt.json_schema:
+            raise invalid(f"{field}.json_schema", "is only used with type JSON_SCHEMA")
+        return {"type": "object"}
+    if fmt.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+        if not fmt.json_schema:
+            raise invalid(f"{field}.json_schema", "is required with type JSON_SCHEMA")
+        return _json_object(fmt.json_schema, f"{field}.json_schema")
+    raise invalid(f"{field}.type", f"unknown value {fmt.type}")
 
 
 def usage(

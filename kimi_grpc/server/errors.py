@@ -17,7 +17,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from kimi_grpc.chat import ChatError
-from kimi_grpc.engine.async_llm import EngineDeadError
+from kimi_grpc.engine.async_llm import EngineDeadError, RequestFailedError
 from kimi_grpc.engine.llm_engine import DuplicateRequestError, RequestError, SequenceDelta
 from kimi_grpc.engine.scheduler import EngineOverloadedError
 from kimi_grpc.sampling_params import SamplingParamsError
@@ -123,6 +123,8 @@ def to_service_error(exc: BaseException, *, fields: dict[str, str] | None = None
     if isinstance(exc, EngineOverloadedError):
         return overloaded(str(exc))
     if isinstance(exc, EngineDeadError):
+        return ServiceError(grpc.StatusCode.INTERNAL, str(exc))
+    if isinstance(exc, RequestFailedError):  # e.g. a grammar refused a token: never unconstrained
         return ServiceError(grpc.StatusCode.INTERNAL, str(exc))
     raise exc
 

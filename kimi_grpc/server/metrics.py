@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kimi_grpc.engine.llm_engine import EngineStats, SequenceDelta
+from kimi_grpc.guided import GuidedStats
 from kimi_grpc.proto import inference_pb2 as pb
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -41,8 +42,28 @@ class _EngineGauges(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
 
 
+class _GuidedCounters(Collector):
+    def __init__(self, stats: GuidedStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        s = self._stats
+        for name, doc, value in (
+            ("kimi_guided_requests", "Requests run with a grammar", s.constrained_requests),
+            (
+                "kimi_guided_lenient_fallbacks",
+                "Schemas compiled leniently (keywords the grammar engine cannot enforce)",
+                s.lenient_fallbacks,
+            ),
+            ("kimi_guided_rejected_tokens", "Tokens a grammar refused", s.rejected_tokens),
+            ("kimi_guided_masks", "Token masks computed", s.masks),
+            ("kimi_guided_mask_seconds", "Host time computing token masks", s.mask_seconds),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+
+
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], guided: GuidedStats | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(
@@ -80,6 +101,8 @@ class ServerMetrics:
         self.prompt_tokens_total = 0  # mirrors of the counters, for GetServerStatus
         self.cached_tokens_total = 0
         r.register(_EngineGauges(stats, self))
+        if guided is not None:
+            r.register(_GuidedCounters(guided))
 
     def record_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)

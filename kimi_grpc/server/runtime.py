@@ -65,7 +65,7 @@ class Runtime:
 
     def attach(self, model: LoadedModel) -> None:
         self.model = model
-        self.metrics = ServerMetrics(model.llm.stats)
+        self.metrics = ServerMetrics(model.llm.stats, model.engine.guided_stats)
 
     def ready(self) -> LoadedModel:
         """The model, or UNAVAILABLE while loading / draining / after an engine failure."""

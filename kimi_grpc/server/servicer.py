@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 
 from kimi_grpc.engine.llm_engine import SequenceDelta
+from kimi_grpc.guided import Constraint, GrammarError
+from kimi_grpc.guided.constraint import build_constraint
 from kimi_grpc.proto import inference_pb2 as pb
 from kimi_grpc.server import convert
 from kimi_grpc.server.agent_step import MODE_DEFAULTS, AgentStep
@@ -28,7 +30,7 @@ from kimi_grpc.server.errors import (
     safe_deserializer,
 )
 from kimi_grpc.server.metrics import RequestClock
-from kimi_grpc.server.runtime import Runtime, check_id
+from kimi_grpc.server.runtime import LoadedModel, Runtime, check_id
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class InferenceServicer:
             prompt, field = list(request.token_ids.ids), "token_ids.ids"
         else:
             raise invalid("input", "set text or token_ids")
+        constraint = await self._json_constraint(model, request.response_format)
         async with self.runtime.admit(request.request_id, params.n) as (request_id, _):
             stream = model.llm.generate(
                 prompt,
@@ -114,6 +117,7 @@ class InferenceServicer:
                 request_id=request_id,
                 priority=request.priority,
                 session_id=request.session_id or None,
+                constraint=constraint,
                 coalesce=True,
             )
             counts = [0] * params.n
@@ -140,6 +144,32 @@ class InferenceServicer:
                         )
             finally:
                 await stream.aclose()
+
+    @staticmethod
+    async def _json_constraint(model: LoadedModel, fmt: pb.ResponseFormat) -> Constraint | None:
+        """Generate's response_format: every completion is JSON from its first token."""
+        schema = convert.response_schema(fmt)
+        if schema is None:
+            return None
+        if model.engine.grammar_backend is None:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "response_format: needs guided decoding (the server runs --guided-decoding off)",
+                field="response_format",
+            )
+        try:
+            return await asyncio.to_thread(
+                build_constraint,
+                model.engine.grammar_backend,
+                model.tokenizer,
+                model.engine.guided_stats,
+                tools=[],
+                tool_choice="auto",
+                response_schema=schema,
+                response_field="response_format.json_schema",
+            )
+        except GrammarError as exc:
+            raise invalid(exc.field, exc.message) from None
 
     def _final(
         self, request_id: str, delta: SequenceDelta, counts: list[int], clock: RequestClock
@@ -168,9 +198,10 @@ class InferenceServicer:
         step = AgentStep(model, request, self.runtime.metrics)
         check_id("session_id", request.session_id)
         rendered = await asyncio.to_thread(step.render)
+        constraint = await asyncio.to_thread(step.constraint, rendered)
         async with self.runtime.admit(request.request_id, 1) as (request_id, call):
             clock = RequestClock(self.runtime.metrics)
-            async for response in step.run(request_id, rendered, call, clock):
+            async for response in step.run(request_id, rendered, call, clock, constraint):
                 if not request.final_only or response.HasField("final"):
                     yield response
 
@@ -227,6 +258,17 @@ class InferenceServicer:
             status.kv_pages_total, status.kv_pages_used = stats.pages_total, stats.pages_used
             status.kv_pages_cached, status.page_size = stats.pages_cached, stats.page_size
             status.num_preemptions = stats.num_preemptions
+            guided = rt.model.engine.guided_stats
+            status.guided_decoding.CopyFrom(
+                pb.GuidedDecodingStatus(
+                    enabled=rt.model.engine.grammar_backend is not None,
+                    constrained_requests=guided.constrained_requests,
+                    lenient_fallbacks=guided.lenient_fallbacks,
+                    rejected_tokens=guided.rejected_tokens,
+                    masks=guided.masks,
+                    mask_seconds=guided.mask_seconds,
+                )
+            )
         if rt.metrics is not None:
             status.prompt_tokens_total = rt.metrics.prompt_tokens_total
             status.cached_tokens_total = rt.metrics.cached_tokens_total
