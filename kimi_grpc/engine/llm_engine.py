@@ -207,7 +207,11 @@ class LLMEngine:
             if self.grammar_backend is None:
                 raise RequestError("guided_decoding", "guided decoding is off on this server")
             if params.ignore_eos:
-                raise RequestError("ignore_eos", "cannot be combined with guided decoding")
+                raise RequestError(
+                    "ignore_eos",
+                    "ignore_eos cannot be combined with guided decoding (the grammar decides "
+                    "where the output may end)",
+                )
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise RequestError(
