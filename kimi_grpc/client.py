@@ -88,11 +88,14 @@ def tool(declaration: Tool) -> pb.Tool:
         return declaration
     fn = declaration.get("function", declaration)
     parameters = fn.get("parameters")
-    return pb.Tool(
+    out = pb.Tool(
         name=fn["name"],
         description=fn.get("description", ""),
         parameters_json=json.dumps(parameters, ensure_ascii=False) if parameters else "",
     )
+    if fn.get("strict") is not None:
+        out.strict = fn["strict"]
+    return out
 
 
 def tool_choice(choice: str | None) -> pb.ToolChoice:
