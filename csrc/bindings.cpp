@@ -5,6 +5,7 @@
 #include "cpu/int4_moe.h"
 #include "cpu/mla_decode.h"
 #include "cpu/moe_route.h"
+#include "cpu/token_bitmask.h"
 #include "op_checks.h"
 
 namespace {
@@ -111,6 +112,20 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
   return {out, lse};
 }
 
+void apply_token_bitmask_cpu(at::Tensor& logits, const at::Tensor& bitmask) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 2 &&
+                  logits.is_contiguous(),
+              "apply_token_bitmask_: logits must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(bitmask.device().is_cpu() && bitmask.scalar_type() == at::kInt &&
+                  bitmask.dim() == 2 && bitmask.size(0) == logits.size(0),
+              "apply_token_bitmask_: bitmask must be a 2-D int32 CPU tensor [R, W] with logits' "
+              "rows, got ",
+              bitmask.scalar_type(), " ", bitmask.sizes());
+  const at::Tensor mask = bitmask.contiguous();
+  kimi::apply_token_bitmask_cpu_impl(logits.data_ptr<float>(), mask.data_ptr<int32_t>(),
+                                     logits.size(0), logits.size(1), mask.size(1));
+}
+
 }  // namespace
 
 #ifdef KIMI_WITH_CUDA
@@ -125,6 +140,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_route_cpu", &moe_route_cpu, "noaux_tc top-k routing (CPU)", nogil);
   m.def("int4_moe_experts_cpu", &int4_moe_experts_cpu, "INT4 MoE experts (CPU)", nogil);
   m.def("mla_decode_cpu", &mla_decode_cpu, "absorbed-MLA paged decode attention (CPU)", nogil);
+  m.def("apply_token_bitmask_cpu", &apply_token_bitmask_cpu,
+        "guided decoding: -inf where a packed token mask is clear (CPU, in place)", nogil);
 #ifdef KIMI_WITH_CUDA
   kimi_register_cuda_ops(m);
 #endif

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from kimi_grpc.checkpoint_maker import make_checkpoint
-from kimi_grpc.config import EngineConfig
-from kimi_grpc.engine.kv_cache import LatentKVCache
 from kimi_grpc.engine.llm_engine import LLMEngine
 from kimi_grpc.engine.outputs import CompletionOutput, RequestOutput
 from kimi_grpc.guided import Constraint
@@ -21,6 +19,7 @@ from kimi_grpc.model import KimiForCausalLM
 from kimi_grpc.parsers import parse_output
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import KimiTokenizer
+from tests.test_engine import make_engine, token_bytes
 
 WEATHER = {
     "type": "function",
@@ -68,12 +67,6 @@ def demo(tmp_path_factory):
     return model, KimiTokenizer.from_dir(path)
 
 
-def make_engine(demo, **config) -> LLMEngine:
-    model, tokenizer = demo
-    config.setdefault("kv_cache_memory", 64 * 1024**2)
-    return LLMEngine(model, tokenizer, EngineConfig(**config))
-
-
 def constraint(engine: LLMEngine, **kwargs) -> Constraint:
     kwargs.setdefault("tools", TOOLS)
     kwargs.setdefault("tool_choice", "required")
@@ -105,11 +98,6 @@ def run(engine: LLMEngine, requests) -> list[RequestOutput]:
         for delta in engine.step():
             results[delta.request_id].apply(delta)
     return [results[f"r{i}"] for i in range(len(requests))]
-
-
-def token_bytes(demo) -> int:
-    """Bytes per token of the demo latent cache (fp32)."""
-    return LatentKVCache.bytes_per_token(demo[0].config, torch.float32)
 
 
 def prompt(tokenizer: KimiTokenizer, i: int) -> list[int]:

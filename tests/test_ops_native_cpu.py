@@ -279,3 +279,31 @@ def test_demo_llm_greedy_native_equals_reference():
     assert ops.native_available("int4_moe_experts", "cpu")
     assert ops.native_available("mla_decode", "cpu")
     assert results["native"] == results["reference"]
+
+
+@pytest.mark.parametrize(("rows", "vocab", "words"), [(1, 2048, 64), (5, 1000, 32), (3, 100, 2)])
+def test_apply_token_bitmask_matches_reference(rows, vocab, words):
+    """Random words mixed with all-clear and all-set ones; ids past 32 * words are banned."""
+    gen = torch.Generator().manual_seed(rows * vocab)
+    bits = torch.randint(-(2**31), 2**31, (rows, words), generator=gen, dtype=torch.int64)
+    bits = bits.to(torch.int32)
+    bits[:, ::3] = 0
+    bits[:, 1::3] = -1
+    logits = torch.randn(rows, vocab, generator=gen)
+    want = reference.apply_token_bitmask_(logits.clone(), bits)
+    got = logits.clone()
+    _C.apply_token_bitmask_cpu(got, bits)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.isinf(got[:, 32 * words :]).all()
+    ops.set_backend("native")
+    assert torch.equal(ops.apply_token_bitmask_(logits.clone(), bits), want)
+
+
+def test_apply_token_bitmask_rejects_bad_arguments():
+    logits = torch.zeros(2, 64)
+    with pytest.raises(RuntimeError, match="int32"):
+        _C.apply_token_bitmask_cpu(logits, torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="rows"):
+        _C.apply_token_bitmask_cpu(logits, torch.zeros(3, 2, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.apply_token_bitmask_cpu(logits.double(), torch.zeros(2, 2, dtype=torch.int32))

@@ -21,12 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kimi_grpc import ops
 from kimi_grpc.guided.backend import GrammarBackend, mask_words
 from kimi_grpc.guided.guide import Guide
-
-# _BIT_TABLE[b] = the 8 bits of byte b, least significant first: a packed little-endian mask row
-# viewed as bytes indexes it to one bool per token id.
-_BIT_TABLE = (torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1
 
 
 @dataclass
@@ -109,19 +106,23 @@ class MaskFiller:
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """int32 ``[R, W]`` packed masks -> bool ``[R, vocab_size]`` (True = allowed)."""
-    as_bytes = bitmask.contiguous().view(torch.uint8).long()  # [R, 4W], little-endian words
-    return _BIT_TABLE.to(bitmask.device)[as_bytes].reshape(bitmask.shape[0], -1)[:, :vocab_size]
+    """int32 ``[R, W]`` packed masks -> bool ``[R, vocab_size]`` (True = allowed; for inspecting
+    masks, the engine applies them packed)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)
+    return torch.nn.functional.pad(bits, (0, max(0, vocab_size - bits.shape[1])))[:, :vocab_size]
 
 
 def apply_masks(logits: torch.Tensor, masks: StepMasks) -> torch.Tensor:
     """logits: ``[B, V]`` f32 (not modified) -> a copy with every disallowed id at -inf."""
     x = logits.clone()
-    vocab = x.shape[1]
     if masks.bitmask is not None:
-        rows = torch.tensor(masks.grammar_rows, device=x.device)
-        allowed = unpack_bitmask(masks.bitmask.to(x.device, non_blocking=True), vocab)
-        x[rows] = x[rows].masked_fill(~allowed, float("-inf"))
+        bitmask = masks.bitmask.to(x.device, non_blocking=True)
+        if len(masks.grammar_rows) == x.shape[0]:
+            ops.apply_token_bitmask_(x, bitmask)
+        else:
+            rows = torch.tensor(masks.grammar_rows, device=x.device)
+            x[rows] = ops.apply_token_bitmask_(x[rows].contiguous(), bitmask)
     if masks.banned:
         r = [row for row, ids in masks.banned for _ in ids]
         c = [t for _, ids in masks.banned for t in ids]

@@ -26,14 +26,16 @@ a schema without ``type`` is an object (arguments are always a JSON object). ``s
 tools get ``{"type": "object"}``; ``strict: true`` makes unspecified ``additionalProperties``
 false (OpenAI's strict mode). JSON whitespace is capped at :data:`MAX_JSON_WHITESPACE` characters
 per gap so greedy decoding cannot loop on it. A schema using keywords the engine cannot enforce
-(``not``, ``if``, an unknown ``format``...) compiles leniently (those keywords unenforced) and is
-reported in :attr:`ToolGrammar.lenient`, for the caller to count and log.
+(``not``, ``if``, an unknown ``format``, a lookaround ``pattern``...) compiles leniently (those
+keywords unenforced) and is reported in :attr:`ToolGrammar.lenient`, for the caller to count and
+log; one that is not a schema at all (a wrong ``type``) is a :class:`GrammarError`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +51,7 @@ MAX_JSON_WHITESPACE = 32
 WHITESPACE_PATTERN = rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}"
 MAX_CALL_INDEX_DIGITS = 4
 _DATA_KEYWORDS = frozenset(("enum", "const", "default", "examples"))  # values, not schemas
+_NAME_MAPS = frozenset(("properties", "patternProperties", "$defs", "definitions"))
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
@@ -58,37 +61,56 @@ class ToolGrammar:
     lenient: list[tuple[str, list[str]]] = field(default_factory=list)  # (field, problems)
 
 
-def _sorted_properties(node: Any) -> Any:
-    """A copy of a schema with every ``properties`` map in the order the model is shown them:
-    required first, then by name (``tool_declaration_ts`` renders fields that way)."""
+def _map_schemas(node: Any, visit: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    """A copy of a schema with ``visit`` applied to every (sub)schema object, innermost first.
+    Values of data keywords (``enum``, ``const``...) are copied as they are; the values of name
+    maps (``properties``, ``$defs``...) are schemas whatever their names."""
     if isinstance(node, list):
-        return [_sorted_properties(v) for v in node]
+        return [_map_schemas(v, visit) for v in node]
     if not isinstance(node, Mapping):
         return node
-    required = node.get("required")
-    required = set(required) if isinstance(required, list) else set()
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key == "properties" and isinstance(value, Mapping):
-            order = sorted(value, key=lambda name: (name not in required, name))
-            out[key] = {name: _sorted_properties(value[name]) for name in order}
-        elif key in _DATA_KEYWORDS:
+        if key in _DATA_KEYWORDS:
             out[key] = value
+        elif key in _NAME_MAPS and isinstance(value, Mapping):
+            out[key] = {name: _map_schemas(sub, visit) for name, sub in value.items()}
         else:
-            out[key] = _sorted_properties(value)
-    return out
+            out[key] = _map_schemas(value, visit)
+    return visit(out)
 
 
-def _closed_objects(node: Any) -> Any:
-    """A copy with ``additionalProperties: false`` on every object schema that leaves it open."""
-    if isinstance(node, list):
-        return [_closed_objects(v) for v in node]
-    if not isinstance(node, Mapping):
-        return node
-    out = {k: v if k in _DATA_KEYWORDS else _closed_objects(v) for k, v in node.items()}
-    if "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
+def _model_order(schema: dict[str, Any]) -> dict[str, Any]:
+    """``properties`` in the order the model is shown them: required first, then by name
+    (``tool_declaration_ts`` renders fields that way)."""
+    props, required = schema.get("properties"), schema.get("required")
+    if isinstance(props, Mapping):
+        required = set(required) if isinstance(required, list) else set()
+        order = sorted(props, key=lambda name: (name not in required, name))
+        schema["properties"] = {name: props[name] for name in order}
+    return schema
+
+
+def _closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """``additionalProperties: false`` on an object schema that leaves it open."""
+    if "properties" in schema and "additionalProperties" not in schema:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _without_patterns(schema: dict[str, Any]) -> dict[str, Any]:
+    """Drops a ``pattern`` the engine cannot compile; raises ValueError for one that is not a
+    regular expression at all (Python's ``re`` stands in for ECMA-262 here)."""
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(
+                f"pattern {pattern!r} is not a valid regular expression ({exc})"
+            ) from None
+        del schema["pattern"]
+    return schema
 
 
 def tool_parameters(function: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,10 +121,10 @@ def tool_parameters(function: Mapping[str, Any]) -> dict[str, Any]:
         return dict(ANY_OBJECT)
     if not isinstance(params, Mapping):  # no parameters: the arguments are {}
         return {"type": "object", "properties": {}, "additionalProperties": False}
-    schema = _sorted_properties(params)
+    schema = _map_schemas(params, _model_order)
     if "type" not in schema:
         schema = {**schema, "type": "object"}
-    return _closed_objects(schema) if strict is True else schema
+    return _map_schemas(schema, _closed) if strict is True else schema
 
 
 class GrammarBuilder:
@@ -113,13 +135,23 @@ class GrammarBuilder:
         self._lenient: list[tuple[str, list[str]]] = []
 
     def _json(self, schema: Mapping[str, Any], field: str) -> str:
-        """``%json {...}`` with our whitespace cap, lenient when the strict compile fails."""
+        """``%json {...}`` with our whitespace cap; lenient when the strict compile fails, and
+        without ``pattern`` keywords when even that fails on a regex the engine lacks (such as
+        lookaround). A schema that still fails is the caller's error."""
         options: dict[str, Any] = {"whitespace_pattern": WHITESPACE_PATTERN}
         problems = self.backend.json_schema_problems(dict(schema), lenient=False)
         if problems:
             still = self.backend.json_schema_problems(dict(schema), lenient=True)
             if still:
-                raise GrammarError(field, "; ".join(still))
+                try:
+                    unpatterned = _map_schemas(schema, _without_patterns)
+                except ValueError as exc:
+                    raise GrammarError(field, str(exc)) from None
+                if unpatterned == schema or self.backend.json_schema_problems(
+                    unpatterned, lenient=True
+                ):
+                    raise GrammarError(field, "; ".join(still))
+                schema, problems = unpatterned, [*problems, "pattern dropped"]
             options["lenient"] = True
             self._lenient.append((field, problems))
         guidance = {**schema.get("x-guidance", {}), **options}

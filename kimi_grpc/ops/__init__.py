@@ -229,3 +229,18 @@ def mla_decode(
         native = None
     fn = native if native is not None else reference.mla_decode
     return fn(q, kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank)
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Guided decoding's token masks, in place: ``logits[r, t] = -inf`` unless bit ``t % 32`` of
+    ``bitmask[r, t // 32]`` is set (ids at or past ``32 * W`` are never allowed).
+
+    Args:
+        logits: ``[R, V]`` float32, contiguous (modified and returned).
+        bitmask: ``[R, W]`` int32 packed masks (llguidance / xgrammar layout), on logits' device.
+    """
+    native = _native_op("apply_token_bitmask", logits.device.type)
+    if native is not None and logits.is_contiguous() and logits.dtype == torch.float32:
+        native(logits, bitmask.to(torch.int32))
+        return logits
+    return reference.apply_token_bitmask_(logits, bitmask)

@@ -112,3 +112,12 @@ def mla_decode(
         lse[b] = torch.logsumexp(scores, dim=-1)
         out[b] = (torch.softmax(scores, dim=-1) @ kv[:, :kv_lora_rank]).to(q.dtype)
     return out, lse
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)
+    if allowed.shape[1] < vocab:  # ids past the mask's words are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    return logits.masked_fill_(~allowed[:, :vocab], float("-inf"))
