@@ -1148,3 +1148,30 @@ def test_unpack_and_apply_masks_match_a_reference(vocab) -> None:
             expected[row, t] = float("-inf")
     assert torch.equal(out, expected) and torch.equal(logits, original)
     assert torch.equal(apply_masks(logits, StepMasks([], None, [], [])), logits)
+
+
+def test_lookaround_pattern_is_dropped_leniently(backend, filler) -> None:
+    """A valid regex the engine cannot run (lookaround) compiles without that pattern (counted);
+    the rest of the schema stays enforced."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^(?!x)[a-z]+$"},
+            "n": {"type": "integer"},
+        },
+        "required": ["code", "n"],
+    }
+    lookaround = tool("lookaround", schema)
+    built = GrammarBuilder(backend).build(tools=[lookaround], tool_choice="auto")
+    ((field, problems),) = built.lenient
+    assert field == "tools[0].parameters" and "pattern dropped" in problems
+    stats = GuidedStats()
+    constraint = constrain(backend, stats=stats, tools=[lookaround])
+    assert stats.lenient_fallbacks == 1
+    walk(filler, constraint, ids(*section(call("lookaround", {"code": "xyz", "n": 1}, 0))))
+    refusal(
+        filler,
+        constraint,
+        [SECTION_BEGIN, CALL_BEGIN, "functions.lookaround:0", ARGUMENT_BEGIN],
+        ['{"code": "a", "n": "one"}'],
+    )
