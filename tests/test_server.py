@@ -385,5 +385,10 @@ def test_metrics_endpoint(server: ServerProcess, client: KimiClient) -> None:
         "kimi_prompt_tokens_total",
         "kimi_generation_tokens_total",
         'kimi_requests_finished_total{reason="length",rpc="Generate"}',
+        "kimi_guided_requests_total",
+        "kimi_guided_lenient_fallbacks_total",
+        "kimi_guided_rejected_tokens_total",
+        "kimi_guided_masks_total",
+        "kimi_guided_mask_seconds_total",
     ):
         assert name in body, name
