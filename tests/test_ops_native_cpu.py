@@ -290,13 +290,16 @@ def test_apply_token_bitmask_matches_reference(rows, vocab, words):
     bits[:, ::3] = 0
     bits[:, 1::3] = -1
     logits = torch.randn(rows, vocab, generator=gen)
+    logits[:, 7::11] = float("nan")  # a banned NaN must become -inf too
     want = reference.apply_token_bitmask_(logits.clone(), bits)
     got = logits.clone()
     _C.apply_token_bitmask_cpu(got, bits)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert torch.isinf(got[:, 32 * words :]).all()
     ops.set_backend("native")
-    assert torch.equal(ops.apply_token_bitmask_(logits.clone(), bits), want)
+    torch.testing.assert_close(
+        ops.apply_token_bitmask_(logits.clone(), bits), want, rtol=0, atol=0, equal_nan=True
+    )
 
 
 def test_apply_token_bitmask_rejects_bad_arguments():

@@ -1,24 +1,26 @@
 // Guided decoding's mask on the logits: one pass over each row, a word (32 tokens) at a time.
 // Masks are often all-clear (inside JSON syntax: a few allowed ids) or all-set (free text), so
 // whole words take fast paths. Mixed words (inside JSON strings most words are) go a byte at a
-// time through a 256-entry table of 8 floats, +inf where the bit is set and -inf where it is
-// clear: min(logit, entry) keeps or bans each token without a branch, and vectorizes.
+// time through a 256-entry table of 8 lane masks (all ones where the bit is set): each float's
+// bits become (logit & keep) | (-inf & ~keep), branch-free and vectorizable, and a banned NaN
+// logit becomes -inf like any other.
 #include "cpu/token_bitmask.h"
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <limits>
 
 namespace kimi {
 namespace {
 
-using ByteTable = std::array<std::array<float, 8>, 256>;
+using ByteTable = std::array<std::array<uint32_t, 8>, 256>;
+constexpr uint32_t kNegInfBits = 0xFF800000u;
 
 ByteTable make_byte_table() {
-  const float inf = std::numeric_limits<float>::infinity();
   ByteTable table{};
   for (int byte = 0; byte < 256; ++byte) {
-    for (int bit = 0; bit < 8; ++bit) table[byte][bit] = ((byte >> bit) & 1) ? inf : -inf;
+    for (int bit = 0; bit < 8; ++bit) table[byte][bit] = ((byte >> bit) & 1) ? ~0u : 0u;
   }
   return table;
 }
@@ -44,13 +46,12 @@ void apply_token_bitmask_cpu_impl(float* logits, const int32_t* bitmask, int64_t
         continue;
       }
       for (int64_t base = start; base < end; base += 8) {
-        const float* entry = kByteTable[(bits >> (base - start)) & 0xFFu].data();
-        float* dst = row + base;
-        if (base + 8 <= end) {
-          for (int i = 0; i < 8; ++i) dst[i] = std::min(dst[i], entry[i]);
-        } else {
-          for (int64_t i = 0; i < end - base; ++i) dst[i] = std::min(dst[i], entry[i]);
-        }
+        const uint32_t* keep = kByteTable[(bits >> (base - start)) & 0xFFu].data();
+        const int lanes = static_cast<int>(std::min<int64_t>(8, end - base));
+        uint32_t lane[8] = {};
+        std::memcpy(lane, row + base, sizeof(float) * lanes);
+        for (int i = 0; i < 8; ++i) lane[i] = (lane[i] & keep[i]) | (kNegInfBits & ~keep[i]);
+        std::memcpy(row + base, lane, sizeof(float) * lanes);
       }
     }
     std::fill(row + covered, row + vocab, neg_inf);

@@ -346,7 +346,10 @@ class LLMEngine:
         if not rows:
             return []
         ready = [scheduled[r][0] for r in rows]
-        results = self.sampler.sample(logits[rows], [seq.sampling for seq in ready], masks)
+        # logits[rows] is a fresh copy (advanced indexing): the masks may overwrite it.
+        results = self.sampler.sample(
+            logits[rows], [seq.sampling for seq in ready], masks, owned=True
+        )
         failed = frozenset(masks.empty) if masks is not None else frozenset()
         deltas = []
         for i, (seq, result) in enumerate(zip(ready, results, strict=True)):

@@ -204,10 +204,13 @@ class Sampler:
         logits: torch.Tensor,
         states: list[SamplingState],
         masks: StepMasks | None = None,
+        *,
+        owned: bool = False,
     ) -> list[SampleResult]:
         """logits: ``[B, V]`` float32 (any float dtype is upcast), row b belongs to states[b];
-        ``masks``: the guided rows' masks for this batch. Returns one result per row; ``logits``
-        is not modified."""
+        ``masks``: the guided rows' masks for this batch. Returns one result per row. ``logits``
+        is not modified unless ``owned`` (the caller's private copy, which the masks may then
+        overwrite instead of copying ``[B, V]`` floats)."""
         assert logits.dim() == 2 and logits.shape[0] == len(states), (logits.shape, len(states))
         batch = logits.shape[0]
         device = logits.device
@@ -219,7 +222,9 @@ class Sampler:
         lp_rows = [b for b, s in enumerate(states) if s.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(raw[lp_rows], dim=-1) if lp_rows else None
 
-        x = raw if masks is None else apply_masks(raw, masks)
+        x = raw
+        if masks is not None:
+            x = apply_masks(raw if owned or raw is not logits else raw.clone(), masks)
         x = self.process_logits(x, states)  # [B, V] f32, a copy when anything applied
 
         token_ids = torch.empty(batch, dtype=torch.int64, device=device)

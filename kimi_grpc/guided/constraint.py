@@ -75,7 +75,7 @@ def build_constraint(
             for field, problems in built.lenient:
                 logger.warning("%s: compiled leniently (not enforced: %s)", field, problems)
             stats.add(lenient_fallbacks=len(built.lenient))
-            grammar = backend.compile(built.text)
+            grammar = built.compiled
     if grammar is None and not banned:
         return None
     if grammar is None:  # tool_choice none without a grammar: the markers are banned throughout

@@ -114,8 +114,8 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def apply_masks(logits: torch.Tensor, masks: StepMasks) -> torch.Tensor:
-    """logits: ``[B, V]`` f32 (not modified) -> a copy with every disallowed id at -inf."""
-    x = logits.clone()
+    """logits: ``[B, V]`` f32, modified in place and returned: every disallowed id at -inf."""
+    x = logits
     if masks.bitmask is not None:
         bitmask = masks.bitmask.to(x.device, non_blocking=True)
         if len(masks.grammar_rows) == x.shape[0]:

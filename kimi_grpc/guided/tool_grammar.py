@@ -36,10 +36,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from kimi_grpc.guided.backend import GrammarBackend, GrammarError
+from kimi_grpc.guided.backend import CompiledGrammar, GrammarBackend, GrammarError
 
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
 SECTION_END = "<|tool_calls_section_end|>"
@@ -57,8 +57,9 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 @dataclass(frozen=True)
 class ToolGrammar:
-    text: str  # Lark for GrammarBackend.compile
-    lenient: list[tuple[str, list[str]]] = field(default_factory=list)  # (field, problems)
+    text: str  # the Lark grammar
+    lenient: list[tuple[str, list[str]]]  # (field, problems) of schemas compiled leniently
+    compiled: CompiledGrammar
 
 
 def _map_schemas(node: Any, visit: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
@@ -134,12 +135,13 @@ class GrammarBuilder:
         self.backend = backend
         self._lenient: list[tuple[str, list[str]]] = []
 
-    def _json(self, schema: Mapping[str, Any], field: str) -> str:
-        """``%json {...}`` with our whitespace cap; lenient when the strict compile fails, and
-        without ``pattern`` keywords when even that fails on a regex the engine lacks (such as
-        lookaround). A schema that still fails is the caller's error."""
+    def _json(self, schema: Mapping[str, Any], field: str, check: bool) -> str:
+        """``%json {...}`` with our whitespace cap. ``check``: compile the schema alone first;
+        lenient when the strict compile fails, and without ``pattern`` keywords when even that
+        fails on a regex the engine lacks (such as lookaround). A schema that still fails is the
+        caller's error."""
         options: dict[str, Any] = {"whitespace_pattern": WHITESPACE_PATTERN}
-        problems = self.backend.json_schema_problems(dict(schema), lenient=False)
+        problems = self.backend.json_schema_problems(dict(schema), lenient=False) if check else []
         if problems:
             still = self.backend.json_schema_problems(dict(schema), lenient=True)
             if still:
@@ -183,7 +185,32 @@ class GrammarBuilder:
                 raise GrammarError("tool_choice", f"{function_name!r} is not a declared tool")
         if not calls and response_schema is None:
             return None
+        # The common case compiles once; only a grammar that fails is rewritten schema by schema
+        # with the fallbacks (the per-schema checks would double a cold compile otherwise).
+        args = (tools, calls, tool_choice, function_name, parallel_tool_calls, response_schema)
+        fields = (first_call_index, tools_field, response_field)
         self._lenient = []
+        text = self._write(*args, *fields, check=False)
+        try:
+            return ToolGrammar(text, [], self.backend.compile(text))
+        except GrammarError:
+            text = self._write(*args, *fields, check=True)
+            return ToolGrammar(text, self._lenient, self.backend.compile(text))
+
+    def _write(
+        self,
+        tools: Sequence[Mapping[str, Any]],
+        calls: list[int],
+        tool_choice: str,
+        function_name: str | None,
+        parallel_tool_calls: bool,
+        response_schema: Mapping[str, Any] | None,
+        first_call_index: int | None,
+        tools_field: str,
+        response_field: str,
+        *,
+        check: bool,
+    ) -> str:
         lines = ["start: body"]
         if calls:
             rules = []
@@ -195,15 +222,15 @@ class GrammarBuilder:
                 else:
                     index = "IDX"
                 lines.append(f"tool_{i}: {json.dumps(header)} {index} {ARGUMENT_BEGIN} args_{i}")
-                args = self._json(tool_parameters(function), f"{tools_field}[{i}].parameters")
-                lines.append(f"args_{i}: {args}")
+                field = f"{tools_field}[{i}].parameters"
+                lines.append(f"args_{i}: {self._json(tool_parameters(function), field, check)}")
                 rules.append(f"tool_{i}")
             lines.append(f"call: {CALL_BEGIN} ({' | '.join(rules)}) {CALL_END}")
             repeat = "+" if parallel_tool_calls and function_name is None else ""
             lines.append(f"section: {SECTION_BEGIN} call{repeat} {SECTION_END}")
             lines.append(f"IDX: /[0-9]{{1,{MAX_CALL_INDEX_DIGITS}}}/")
         if response_schema is not None:
-            lines.append(f"json: {self._json(response_schema, response_field)}")
+            lines.append(f"json: {self._json(response_schema, response_field, check)}")
         if response_schema is not None:
             body = "json | section" if calls and tool_choice == "auto" else "json"
             body = "section" if calls and tool_choice == "required" else body
@@ -213,7 +240,7 @@ class GrammarBuilder:
         else:
             body = "section"
         lines.insert(1, f"body: {body}")
-        return ToolGrammar("\n".join(lines) + "\n", self._lenient)
+        return "\n".join(lines) + "\n"
 
 
 def _function(tool: Mapping[str, Any]) -> Mapping[str, Any]:
