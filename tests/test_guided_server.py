@@ -87,6 +87,8 @@ def test_agent_step_named_tool_and_json_content(client: KimiClient) -> None:
         params={"max_tokens": 256, "temperature": 0.0, "logit_bias": closing_bias()},
     )  # fmt: skip
     assert answer.final.finish_reason == pb.FINISH_REASON_STOP
+    # The budget forced </think> after 2 reasoning tokens; the grammar took over after it.
+    assert answer.final.usage.reasoning_tokens == 2
     jsonschema.validate(json.loads(answer.final.message.content), ANSWER)
 
 
