@@ -7,6 +7,7 @@
 #include "cuda/int4_moe.cuh"
 #include "cuda/mla_decode.cuh"
 #include "cuda/moe_route.cuh"
+#include "cuda/token_bitmask.cuh"
 #include "op_checks.h"
 
 namespace {
@@ -175,6 +176,25 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at
   return {out, lse};
 }
 
+void apply_token_bitmask_cuda(at::Tensor& logits, const at::Tensor& bitmask) {
+  TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.dim() == 2 &&
+                  logits.is_contiguous(),
+              "apply_token_bitmask_: logits must be a contiguous 2-D float32 CUDA tensor");
+  TORCH_CHECK(bitmask.is_cuda() && bitmask.device() == logits.device() &&
+                  bitmask.scalar_type() == at::kInt && bitmask.dim() == 2 &&
+                  bitmask.size(0) == logits.size(0),
+              "apply_token_bitmask_: bitmask must be a 2-D int32 tensor [R, W] on logits' device "
+              "with logits' rows, got ",
+              bitmask.scalar_type(), " ", bitmask.sizes());
+  TORCH_CHECK(logits.size(0) <= 65535, "apply_token_bitmask_: at most 65535 rows on CUDA");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor mask = bitmask.contiguous();
+  check_cuda_launch(kimi::apply_token_bitmask_cuda_launch(
+                        logits.data_ptr<float>(), mask.data_ptr<int32_t>(), logits.size(0),
+                        logits.size(1), mask.size(1), c10::cuda::getCurrentCUDAStream()),
+                    "apply_token_bitmask_");
+}
+
 }  // namespace
 
 void kimi_register_cuda_ops(pybind11::module_& m) {
@@ -183,4 +203,6 @@ void kimi_register_cuda_ops(pybind11::module_& m) {
   m.def("int4_moe_experts_cuda", &int4_moe_experts_cuda, "INT4 MoE experts (CUDA)", nogil);
   m.def("moe_align_cuda", &moe_align_cuda, "MoE routing metadata (CUDA; tests, benchmarks)", nogil);
   m.def("mla_decode_cuda", &mla_decode_cuda, "absorbed-MLA paged decode (CUDA)", nogil);
+  m.def("apply_token_bitmask_cuda", &apply_token_bitmask_cuda,
+        "guided decoding: -inf where a packed token mask is clear (CUDA, in place)", nogil);
 }

@@ -296,3 +296,23 @@ def test_moe_align_metadata(tokens, experts, tile):
         want = (flat == e).nonzero().squeeze(1)
         assert torch.equal(pairs[at : at + c].sort().values, want.int()), f"expert {e}"
         at += c
+
+
+# (rows, vocab, words): Kimi's vocabulary at batch 1 and 64, a vocab that is no multiple of 32 or
+# of the kernel's 4 tokens per thread, a mask narrower than the vocabulary.
+BITMASK_CASES = [(1, 163840, 5120), (64, 163840, 5120), (3, 1001, 32), (2, 1000, 16)]
+
+
+@pytest.mark.parametrize(("rows", "vocab", "words"), BITMASK_CASES)
+def test_apply_token_bitmask_matches_reference(rows, vocab, words):
+    gen = torch.Generator().manual_seed(vocab + rows)
+    bits = torch.randint(-(2**31), 2**31, (rows, words), generator=gen, dtype=torch.int64)
+    bits = bits.to(torch.int32)
+    bits[:, ::3] = 0
+    bits[:, 1::3] = -1
+    logits = torch.randn(rows, vocab, generator=gen)
+    logits[:, 5::13] = float("nan")
+    want = reference.apply_token_bitmask_(logits.clone(), bits)
+    got = logits.cuda()
+    _native("apply_token_bitmask")(got, bits.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)

@@ -233,7 +233,9 @@ def mla_decode(
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Guided decoding's token masks, in place: ``logits[r, t] = -inf`` unless bit ``t % 32`` of
-    ``bitmask[r, t // 32]`` is set (ids at or past ``32 * W`` are never allowed).
+    ``bitmask[r, t // 32]`` is set (ids at or past ``32 * W`` are never allowed; a banned NaN
+    becomes -inf too). Native on CPU (csrc/cpu/token_bitmask.cpp) and CUDA
+    (csrc/cuda/token_bitmask.cu).
 
     Args:
         logits: ``[R, V]`` float32, contiguous (modified and returned).
