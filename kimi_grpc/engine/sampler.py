@@ -222,10 +222,11 @@ class Sampler:
         lp_rows = [b for b, s in enumerate(states) if s.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(raw[lp_rows], dim=-1) if lp_rows else None
 
-        x = raw
-        if masks is not None:
-            x = apply_masks(raw if owned or raw is not logits else raw.clone(), masks)
-        x = self.process_logits(x, states)  # [B, V] f32, a copy when anything applied
+        # raw is private when the caller handed logits over or upcasting copied them; then the
+        # masks and the processing below write into it instead of copying [B, V] floats again.
+        private = owned or raw is not logits
+        x = raw if masks is None else apply_masks(raw if private else raw.clone(), masks)
+        x = self.process_logits(x, states, inplace=private or masks is not None)
 
         token_ids = torch.empty(batch, dtype=torch.int64, device=device)
         greedy = [b for b, s in enumerate(states) if s.params.temperature < GREEDY_TEMPERATURE]
@@ -255,10 +256,12 @@ class Sampler:
         return results
 
     @staticmethod
-    def process_logits(raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    def process_logits(
+        raw: torch.Tensor, states: list[SamplingState], *, inplace: bool = False
+    ) -> torch.Tensor:
         """The logits greedy decoding and the draw see: ``raw`` with min_tokens, logit_bias and
-        penalties applied. raw: ``[B, V]`` f32 (not modified; returned as is when no row uses any
-        of them) -> ``[B, V]`` f32."""
+        penalties applied. raw: ``[B, V]`` f32 (not modified unless ``inplace``; returned as is
+        when no row uses any of them) -> ``[B, V]`` f32."""
         vocab = raw.shape[1]
         device = raw.device
         x = raw
@@ -275,7 +278,7 @@ class Sampler:
                 cols.extend(s.stop_token_ids)
         if rows:
             _check_ids(cols, vocab, "stop_token_ids")
-            x = x.clone() if x is raw else x
+            x = x.clone() if x is raw and not inplace else x
             x[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = float("-inf")
 
         # logit_bias, added.
@@ -287,7 +290,7 @@ class Sampler:
                 bias.extend(s.params.logit_bias.values())
         if rows:
             _check_ids(cols, vocab, "logit_bias")
-            x = x.clone() if x is raw else x
+            x = x.clone() if x is raw and not inplace else x
             x.index_put_(
                 (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
                 torch.tensor(bias, dtype=x.dtype, device=device),

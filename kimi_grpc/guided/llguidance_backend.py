@@ -13,10 +13,9 @@ sequences copy.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import llguidance
@@ -28,29 +27,6 @@ from kimi_grpc.tokenizer import KimiTokenizer
 GRAMMAR_CACHE_SIZE = 256
 SCHEMA_CACHE_SIZE = 1024
 _QUIET = 0  # llguidance log level: errors reach us through is_error()/get_error()
-
-
-class _LRU:
-    """A small thread-safe LRU dict (the server compiles on several threads)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Any | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
 
 
 class LLGuidanceMatcher:
@@ -67,9 +43,6 @@ class LLGuidanceMatcher:
 
     def is_stopped(self) -> bool:
         return self._m.is_stopped()
-
-    def rollback(self, num_tokens: int) -> bool:
-        return self._m.rollback(num_tokens)
 
     def error(self) -> str:
         return self._m.get_error()
@@ -112,35 +85,21 @@ class LLGuidanceBackend:
         )
         threads = num_threads or max(1, (os.cpu_count() or 1) * 3 // 4)
         self._executor = llguidance.LLExecutor(threads)
-        self._grammars = _LRU(GRAMMAR_CACHE_SIZE)
-        self._schemas = _LRU(SCHEMA_CACHE_SIZE)
+        # LRUs (thread-safe; a failed compile raises and is not cached).
+        self.compile = functools.lru_cache(GRAMMAR_CACHE_SIZE)(self._compile)
+        self._schema_problems = functools.lru_cache(SCHEMA_CACHE_SIZE)(_schema_problems)
         self.words = mask_words(vocab_size)
 
-    def compile(self, grammar: str) -> LLGuidanceGrammar:
-        cached = self._grammars.get(grammar)
-        if cached is not None:
-            return cached
+    def _compile(self, grammar: str) -> LLGuidanceGrammar:
         matcher = llguidance.LLMatcher(
             self.tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=_QUIET
         )
         if matcher.is_error():
             raise GrammarError("grammar", matcher.get_error())
-        compiled = LLGuidanceGrammar(matcher)
-        self._grammars.put(grammar, compiled)
-        return compiled
+        return LLGuidanceGrammar(matcher)
 
     def json_schema_problems(self, schema: dict[str, Any], *, lenient: bool) -> list[str]:
-        key = f"{int(lenient)}{json.dumps(schema, sort_keys=True)}"
-        cached = self._schemas.get(key)
-        if cached is not None:
-            return cached
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            schema, overrides={"lenient": True} if lenient else None
-        )
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
-        problems = messages if is_error else []  # (lenient: warnings name what it ignored)
-        self._schemas.put(key, problems)
-        return problems
+        return list(self._schema_problems(json.dumps(schema, sort_keys=True), lenient))
 
     def fill_masks(self, rows: list[tuple[LLGuidanceMatcher, int]], bitmask: np.ndarray) -> None:
         assert bitmask.dtype == np.int32 and bitmask.flags.c_contiguous, bitmask
@@ -152,3 +111,11 @@ class LLGuidanceBackend:
                 self.words * 4,
                 bitmask.shape[0],
             )
+
+
+def _schema_problems(schema_json: str, lenient: bool) -> tuple[str, ...]:
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        schema_json, overrides={"lenient": True} if lenient else None
+    )
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    return tuple(messages) if is_error else ()  # (lenient: warnings name what it ignored)
