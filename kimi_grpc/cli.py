@@ -167,6 +167,18 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="grammar-constrained tool calls and response formats (default on; a request can "
         "turn it off for itself)",
     )
+    srv.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port "
+        "(0 picks a free one); off unless given",
+    )
+    srv.add_argument(
+        "--served-model-name",
+        action="append",
+        default=[],
+        help="another name the HTTP API accepts for the model (repeatable)",
+    )
     srv.add_argument("--api-key-file", help="file of accepted bearer tokens, one per line")
     srv.add_argument("--tls-cert", help="PEM certificate chain")
     srv.add_argument("--tls-key", help="PEM private key")
@@ -232,6 +244,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
+        served_model_names=tuple(args.served_model_name),
         drain_timeout=args.drain_timeout,
         max_message_bytes=args.max_message_mb * MIB,
         reflection=not args.no_reflection,

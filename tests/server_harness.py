@@ -42,6 +42,12 @@ class ServerProcess:
                 return line
         raise AssertionError(f"server never printed {text!r}; output:\n" + "".join(self.lines))
 
+    @property
+    def http_base(self) -> str:
+        """``http://host:port/v1`` of the OpenAI-compatible API (started with --http-port)."""
+        line = self.wait_for("kimi-grpc HTTP API on", timeout=5)
+        return f"http://{line.split('HTTP API on', 1)[1].strip()}/v1"
+
     def health(self, service: str = "") -> int:
         with grpc.insecure_channel(self.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)

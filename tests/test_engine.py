@@ -227,7 +227,7 @@ def test_n_completions_and_logprobs(demo):
 
 def test_invalid_requests_are_clear_errors(demo):
     engine = make_engine(demo, max_model_len=4096, max_waiting=3)
-    with pytest.raises(ValueError, match="exceeds the context length"):
+    with pytest.raises(ValueError, match="exceeds the maximum context length"):
         engine.add_request("a", [1] * 4000, SamplingParams(max_tokens=200))
     with pytest.raises(ValueError, match="context length is 4096"):
         engine.add_request("a", [1] * 4096, SamplingParams(max_tokens=None))

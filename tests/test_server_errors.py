@@ -96,7 +96,6 @@ AGENT_ROWS = [
     ("bad tool name", raw_step(tools=[pb.Tool(name="no spaces")]), "tools[0]"),
     ("duplicate tools", raw_step(tools=[pb.Tool(name="f"), pb.Tool(name="f")]), "tools[1]"),
     ("n=2", step(params={"n": 2}), "sampling.n"),
-    ("logprobs", step(params={"logprobs": 1}), "sampling.logprobs"),
     ("budget<0", step(thinking_budget=-1), "thinking_budget"),
     ("kwargs json", raw_step(chat_template_kwargs_json="{x"), "chat_template_kwargs_json"),
     ("sampling", step(params={"temperature": -1.0}), "sampling.temperature"),

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from kimi_grpc.client import KimiClient
-from kimi_grpc.server.auth import BearerAuthInterceptor, load_api_keys
+from kimi_grpc.server.auth import ApiKeys, BearerAuthInterceptor, load_api_keys
 from tests.server_harness import running_server
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -83,7 +83,7 @@ def test_auth_helpers(tmp_path: Path) -> None:
     empty.write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="holds no key"):
         load_api_keys(empty)
-    auth = BearerAuthInterceptor(["k1"])
+    auth = BearerAuthInterceptor(ApiKeys(["k1"]))
     assert auth.authorized((("authorization", "Bearer k1"),))
     assert not auth.authorized((("authorization", "bearer k1"),))
     assert not auth.authorized((("authorization", "Bearer k1 "),))

@@ -216,14 +216,15 @@ class LLMEngine:
         if room < 1:
             raise RequestError(
                 "prompt",
-                f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}",
+                f"prompt has {len(prompt_ids)} tokens; the maximum context length is "
+                f"{self.max_model_len} tokens",
             )
         max_tokens = room if params.max_tokens is None else params.max_tokens
         if max_tokens > room:
             raise RequestError(
                 "max_tokens",
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"context length ({self.max_model_len})",
+                f"maximum context length ({self.max_model_len})",
             )
         needed = self.scheduler.pages_for(len(prompt_ids) + max_tokens)
         if needed > self.blocks.num_pages:

@@ -37,7 +37,12 @@ from kimi_grpc.guided.constraint import build_constraint
 from kimi_grpc.parsers import StreamParser
 from kimi_grpc.proto import inference_pb2 as pb
 from kimi_grpc.server import convert
-from kimi_grpc.server.errors import ServiceError, engine_errors, invalid
+from kimi_grpc.server.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
+    ServiceError,
+    engine_errors,
+    invalid,
+)
 from kimi_grpc.server.metrics import RequestClock, ServerMetrics
 from kimi_grpc.server.runtime import Call, LoadedModel
 from kimi_grpc.special_text import SpecialTokenText
@@ -145,8 +150,6 @@ class AgentStep:
         self.reasoning_end_ids = frozenset((think_end, section, call))
         if request.sampling.HasField("n") and request.sampling.n != 1:
             raise invalid("sampling.n", "AgentStep produces one assistant turn; n must be 1")
-        if request.sampling.HasField("logprobs"):
-            raise invalid("sampling.logprobs", "is not available in AgentStep; use Generate")
         # Skipping special tokens drops control tokens (<|im_end|>, reserved slots) but keeps the
         # tool markers and think tags (Kimi flags them "special": false), which the parser reads.
         self.params = convert.sampling_params(
@@ -250,6 +253,24 @@ class AgentStep:
             template_kwargs=self.template_kwargs,
         )
 
+    def fit_context(self, prompt_tokens: int) -> None:
+        """OpenAI semantics (the HTTP API): ``max_tokens`` is a ceiling clamped to the room the
+        context and the KV cache leave after the prompt (clients such as kimi-cli ask for about
+        the whole window); only a prompt that leaves no room at all is refused."""
+        engine = self.model.engine
+        limit = min(engine.max_model_len, engine.blocks.num_pages * engine.config.page_size)
+        room = limit - prompt_tokens
+        if room < 1:
+            error = invalid(
+                "messages",
+                f"the prompt has {prompt_tokens} tokens; this model's maximum context length is "
+                f"{limit} tokens",
+            )
+            error.reason = CONTEXT_LENGTH_EXCEEDED
+            raise error
+        if self.params.max_tokens is not None and self.params.max_tokens > room:
+            self.params = replace(self.params, max_tokens=room)
+
     def _forced_tool_ids(self, first_call_index: int) -> list[int]:
         ids = [self.section_id, self.call_id]
         if self.forced_name is not None:
@@ -282,6 +303,8 @@ class AgentStep:
         prompt = rendered.token_ids
         generated: list[int] = []  # every completion token, forced ones included
         pending: list[int] = []  # token ids not yet attached to a sent delta
+        with_logprobs = self.params.logprobs is not None
+        pending_logprobs: list[pb.TokenLogprob] = []  # parallel to pending (with logprobs)
         reasoning_open, reasoning_tokens = self.thinking, 0
         # Without a grammar, REQUIRED / a named tool is enforced by forcing the call's opening.
         must_call = self.tool_choice_mode == pb.TOOL_CHOICE_MODE_REQUIRED and not self.guided
@@ -314,13 +337,17 @@ class AgentStep:
                     for d in calls
                 ],
                 token_ids=pending,
+                logprobs=pending_logprobs,
             )
             pending.clear()
+            pending_logprobs.clear()
             return pb.AgentStepResponse(delta=delta)
 
         def force(ids: list[int]) -> pb.AgentStepResponse | None:
             generated.extend(ids)
             pending.extend(ids)
+            if with_logprobs:  # the server chose these: probability 1
+                pending_logprobs.extend(pb.TokenLogprob(token_id=t, logprob=0.0) for t in ids)
             forced = self._pieces()
             forced.push(ids, "")
             return respond(forced.remainder())
@@ -368,6 +395,7 @@ class AgentStep:
                         clock.admitted(delta)
                     clock.tokens(len(delta.token_ids))
                     kept = list(delta.token_ids)
+                    kept_logprobs = convert.logprobs(delta) if with_logprobs else []
                     for token in delta.token_ids:
                         if reasoning_open and token in self.reasoning_end_ids:
                             reasoning_open = False
@@ -376,12 +404,15 @@ class AgentStep:
                             if must_call and (token == self.think_end_id or self.forced_name):
                                 cut = "tool"  # reasoning is over: force the call next
                                 if token != self.think_end_id:  # drop the model's own opener
+                                    if with_logprobs:
+                                        del kept_logprobs[kept.index(token)]
                                     kept.remove(token)
                                     dropped.append(self.model.tokenizer.decode([token]))
                         elif reasoning_open:
                             reasoning_tokens += 1
                     generated.extend(kept)
                     pending.extend(kept)
+                    pending_logprobs.extend(kept_logprobs)
                     if (r := respond(pieces.push(delta.token_ids, delta.text))) is not None:
                         yield r
                     budget = self.budget
@@ -425,7 +456,9 @@ class AgentStep:
         if result.reasoning or self.thinking:
             message.reasoning_content = result.reasoning
         if pending:
-            yield pb.AgentStepResponse(delta=pb.AgentStepDelta(token_ids=pending))
+            yield pb.AgentStepResponse(
+                delta=pb.AgentStepDelta(token_ids=pending, logprobs=pending_logprobs)
+            )
         yield pb.AgentStepResponse(
             final=pb.AgentStepFinal(
                 request_id=request_id,

@@ -29,10 +29,11 @@ from grpc_reflection.v1alpha import reflection
 from kimi_grpc.chat import ChatRenderer
 from kimi_grpc.engine.async_llm import AsyncLLM
 from kimi_grpc.engine.llm import load_engine
+from kimi_grpc.http.app import HttpApi, HttpServer
 from kimi_grpc.parallel.devices import device_alive
 from kimi_grpc.parallel.distributed import ParallelConfig
 from kimi_grpc.sampling_params import SamplingParams
-from kimi_grpc.server.auth import BearerAuthInterceptor, load_api_keys
+from kimi_grpc.server.auth import ApiKeys, BearerAuthInterceptor, load_api_keys
 from kimi_grpc.server.runtime import LoadedModel, Runtime, model_name
 from kimi_grpc.server.servicer import SERVICE_NAME, InferenceServicer, add_inference_service
 
@@ -61,6 +62,8 @@ class ServerConfig:
     tls_key: str | None = None
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (same host); None = off
+    served_model_names: tuple[str, ...] = ()  # extra names the HTTP API accepts
     drain_timeout: float = 30.0  # seconds in-flight streams get after SIGTERM
     max_message_bytes: int = 16 * MIB  # receive limit: ~3M token ids or ~16 MB of text
     reflection: bool = True
@@ -88,16 +91,28 @@ class Server:
         self.config = config
         self.runtime = Runtime(max_queued_requests=config.max_queued_requests)
         self.health = health.aio.HealthServicer()
-        interceptors = []
-        if config.api_key_file:
-            interceptors.append(BearerAuthInterceptor(load_api_keys(config.api_key_file)))
+        keys = ApiKeys(load_api_keys(config.api_key_file)) if config.api_key_file else None
+        interceptors = [BearerAuthInterceptor(keys)] if keys is not None else []
         self.server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
-        add_inference_service(self.server, InferenceServicer(self.runtime))
+        servicer = InferenceServicer(self.runtime)
+        add_inference_service(self.server, servicer)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
             names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
         self.port = self._bind()
+        self.http: HttpServer | None = None
+        if config.http_port is not None:
+            api = HttpApi(
+                self.runtime,
+                servicer,
+                keys=keys,
+                aliases=config.served_model_names,
+                max_body_bytes=config.max_message_bytes,
+            )
+            self.http = HttpServer(
+                api, config.host, config.http_port, tls_cert=config.tls_cert, tls_key=config.tls_key
+            )
         self._stopped = asyncio.Event()
         self._watcher: asyncio.Task | None = None
         self.failure: str | None = None
@@ -127,6 +142,9 @@ class Server:
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
+            logger.info("HTTP API on %s:%d", self.config.host, self.http.port)
         logger.info("listening on %s:%d (loading the model)", self.config.host, self.port)
 
     async def load(self) -> None:
@@ -191,8 +209,7 @@ class Server:
         self.runtime.abort(list(self.runtime.inflight))
         if self.runtime.model is not None and self.runtime.model.engine.leader is not None:
             await asyncio.to_thread(self.runtime.model.engine.leader.workers.kill)
-        await self.server.stop(grace=1.0)
-        self._stopped.set()
+        await self._stop_listeners()
 
     async def drain(self) -> None:
         """SIGTERM: stop accepting, let in-flight calls finish (bounded), then stop."""
@@ -205,6 +222,11 @@ class Server:
             left = self.runtime.abort(list(self.runtime.inflight))
             logger.warning("drain timeout: aborted %d calls", len(left))
             await self.runtime.wait_idle(5.0)
+        await self._stop_listeners()
+
+    async def _stop_listeners(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         self._stopped.set()
 
@@ -229,6 +251,8 @@ async def serve(config: ServerConfig) -> None:
     server = Server(config)
     await server.start()
     print(f"kimi-grpc listening on {config.host}:{server.port}", flush=True)
+    if server.http is not None:
+        print(f"kimi-grpc HTTP API on {config.host}:{server.http.port}", flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
@@ -236,6 +260,8 @@ async def serve(config: ServerConfig) -> None:
         await server.load()
     except Exception:
         logger.exception("loading the model failed")
+        if server.http is not None:
+            await server.http.stop()
         await server.server.stop(grace=0)
         raise
     print(f"kimi-grpc serving on {config.host}:{server.port}", flush=True)

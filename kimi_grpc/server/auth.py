@@ -29,18 +29,29 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8", errors="surrogatepass")).digest()
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeys:
+    """The accepted keys, checked against an ``Authorization: Bearer <key>`` value (gRPC metadata
+    and the HTTP API share one instance)."""
+
     def __init__(self, keys: list[str]) -> None:
         self._digests = [_digest(k) for k in keys]
 
-    def authorized(self, metadata: tuple | None) -> bool:
-        header = next((v for k, v in metadata or () if k == "authorization"), None)
-        if not isinstance(header, str) or not header.startswith("Bearer "):
+    def accepts(self, authorization: object) -> bool:
+        if not isinstance(authorization, str) or not authorization.startswith("Bearer "):
             return False
-        given = _digest(header[len("Bearer ") :])
+        given = _digest(authorization[len("Bearer ") :])
         # Check every key (no early exit) so timing does not tell which key matched.
         matches = [hmac.compare_digest(given, d) for d in self._digests]
         return any(matches)
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, keys: ApiKeys) -> None:
+        self.keys = keys
+
+    def authorized(self, metadata: tuple | None) -> bool:
+        header = next((v for k, v in metadata or () if k == "authorization"), None)
+        return self.keys.accepts(header)
 
     async def intercept_service(
         self,

@@ -23,10 +23,13 @@ from kimi_grpc.engine.scheduler import EngineOverloadedError
 from kimi_grpc.sampling_params import SamplingParamsError
 
 RETRY_AFTER_OVERLOAD_S = 1.0
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 
 class ServiceError(Exception):
-    """A refused call: ``code`` + ``message``; ``field`` (a request field path) for bad input."""
+    """A refused call: ``code`` + ``message``; ``field`` (a request field path) for bad input;
+    ``reason`` a stable machine-readable name for a refusal clients act on (the HTTP API's
+    ``error.code``, e.g. ``context_length_exceeded``)."""
 
     def __init__(
         self,
@@ -35,12 +38,14 @@ class ServiceError(Exception):
         *,
         field: str | None = None,
         retry_after_s: float | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
     def to_status(self) -> grpc.Status:
         details = []
@@ -117,7 +122,10 @@ def to_service_error(exc: BaseException, *, fields: dict[str, str] | None = None
         field = fields.get(exc.field, exc.field)
         if exc.field == "max_tokens":
             field = "sampling.max_tokens"
-        return invalid(field, str(exc))
+        error = invalid(field, str(exc))
+        if "maximum context length" in error.message:
+            error.reason = CONTEXT_LENGTH_EXCEEDED
+        return error
     if isinstance(exc, ChatError):
         return invalid(exc.field, str(exc))
     if isinstance(exc, EngineOverloadedError):

@@ -98,6 +98,12 @@ class ServerMetrics:
         self.rejected = Counter(
             "kimi_requests_rejected", "Refused calls by status code", ["rpc", "code"], registry=r
         )
+        self.http_requests = Counter(
+            "kimi_http_requests",
+            "OpenAI-compatible HTTP API responses by route and status",
+            ["route", "status"],
+            registry=r,
+        )
         self.prompt_tokens_total = 0  # mirrors of the counters, for GetServerStatus
         self.cached_tokens_total = 0
         r.register(_EngineGauges(stats, self))

@@ -96,6 +96,14 @@ class InferenceServicer:
     # ---- Generate -------------------------------------------------------------------------------
     @streaming("Generate")
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator:
+        async for response in self.generate(request):
+            yield response
+
+    async def generate(
+        self, request: pb.GenerateRequest, *, request_id: str | None = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Generate without the gRPC wrapper (the HTTP API calls it too); raises ServiceError.
+        ``request_id`` overrides the request's (a caller-chosen id)."""
         model = self.runtime.ready()
         metrics = self.runtime.metrics
         clock = RequestClock(metrics)
@@ -110,7 +118,8 @@ class InferenceServicer:
         else:
             raise invalid("input", "set text or token_ids")
         constraint = await self._json_constraint(model, request.response_format)
-        async with self.runtime.admit(request.request_id, params.n) as (request_id, _):
+        request_id = request_id or request.request_id
+        async with self.runtime.admit(request_id, params.n) as (request_id, _):
             stream = model.llm.generate(
                 prompt,
                 params,
@@ -194,16 +203,30 @@ class InferenceServicer:
     # ---- AgentStep ------------------------------------------------------------------------------
     @streaming("AgentStep")
     async def AgentStep(self, request: pb.AgentStepRequest, context) -> AsyncIterator:
+        async for response in self.agent_step(request):
+            if not request.final_only or response.HasField("final"):
+                yield response
+
+    async def agent_step(
+        self,
+        request: pb.AgentStepRequest,
+        *,
+        request_id: str | None = None,
+        fit_context: bool = False,
+    ) -> AsyncIterator[pb.AgentStepResponse]:
+        """AgentStep without the gRPC wrapper (the HTTP API calls it too); raises ServiceError.
+        ``fit_context``: clamp max_tokens to the room left after the prompt (OpenAI semantics)."""
         model = self.runtime.ready()
         step = AgentStep(model, request, self.runtime.metrics)
         check_id("session_id", request.session_id)
         rendered = await asyncio.to_thread(step.render)
+        if fit_context:
+            step.fit_context(len(rendered.token_ids))
         constraint = await asyncio.to_thread(step.constraint, rendered)
-        async with self.runtime.admit(request.request_id, 1) as (request_id, call):
+        async with self.runtime.admit(request_id or request.request_id, 1) as (request_id, call):
             clock = RequestClock(self.runtime.metrics)
             async for response in step.run(request_id, rendered, call, clock, constraint):
-                if not request.final_only or response.HasField("final"):
-                    yield response
+                yield response
 
     # ---- unary RPCs -----------------------------------------------------------------------------
     @unary("Tokenize")
