@@ -8,8 +8,9 @@ STAMP := $(VENV)/.kimi-grpc-installed
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 HOST ?= 127.0.0.1
 PORT ?= 50051
+HTTP_PORT ?= 8000
 
-.PHONY: install serve test lint clean
+.PHONY: install kimi-cli serve test lint clean
 
 install: $(STAMP)
 
@@ -23,11 +24,17 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
-# The product: the gRPC server on the built-in demo model (Ctrl-C / SIGTERM drains and stops).
+# The product: the gRPC server and the OpenAI-compatible HTTP API on the built-in demo model
+# (Ctrl-C / SIGTERM drains both and stops).
 serve: install
-	$(BIN)/kimi-grpc serve --host $(HOST) --port $(PORT)
+	$(BIN)/kimi-grpc serve --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT)
 
-test: lint
+# Moonshot's kimi-cli for tests/test_http_kimi_cli.py: its own virtualenv (Python >= 3.12; it pins
+# an openai release older than the one the other client tests use).
+kimi-cli:
+	bash scripts/kimi_cli_venv.sh
+
+test: lint kimi-cli
 	$(BIN)/python -m pytest -q
 
 lint: install
