@@ -1,5 +1,8 @@
 """``kimi-grpc serve``: start listening at once, load and warm the model, serve, drain on SIGTERM.
 
+With ``--http-port`` the OpenAI-compatible HTTP API (``kimi_grpc.http``) listens in the same event
+loop and follows the same lifecycle (``GET /health``: 200 when SERVING, else 503).
+
 Lifecycle and what health reports (``grpc.health.v1``, service "" and "kimi.v1.InferenceService"):
   listening, loading weights   NOT_SERVING   (inference RPCs: UNAVAILABLE "still loading")
   warm-up generation passed    SERVING
