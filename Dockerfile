@@ -55,6 +55,6 @@ RUN groupadd --gid 10001 kimi \
     && chown 10001:10001 /models
 USER 10001:10001
 WORKDIR /home/kimi
-EXPOSE 50051 9400
+EXPOSE 50051 8000 9400
 ENTRYPOINT ["kimi-grpc", "serve"]
-CMD ["--host", "0.0.0.0", "--port", "50051"]
+CMD ["--host", "0.0.0.0", "--port", "50051", "--http-port", "8000"]

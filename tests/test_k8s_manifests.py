@@ -1,8 +1,10 @@
 """k8s/, Dockerfile and .dockerignore: rendered offline, validated against the Kubernetes schemas
 (strict) and the LeaderWorkerSet API, and checked for what serving Kimi K2.6 needs: 8 GPUs,
-native gRPC probes on the server's numeric port with a long startup budget, a memory /dev/shm, a
-grace period longer than the drain, non-root pods, pinned images, a download Job pinned to a
-commit, and server flags the real ``kimi-grpc serve`` parser accepts."""
+native gRPC probes on the server's numeric port with a long startup budget, the OpenAI-compatible
+HTTP API on, every Service port reaching a port the server's flags open (and the NetworkPolicy
+admitting it), a memory /dev/shm, a grace period longer than the drain, non-root pods, pinned
+images, a download Job pinned to a commit, and server flags the real ``kimi-grpc serve`` parser
+accepts."""
 
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ MULTI = K8S / "overlays" / "multi-node-lws"
 KUSTOMIZATIONS = {"base": BASE, "single-node-8gpu": SINGLE, "multi-node-lws": MULTI}
 
 GRPC_PORT = 50051
+HTTP_PORT = 8000  # the OpenAI-compatible API (--http-port)
 METRICS_PORT = 9400
+# Which `kimi-grpc serve` flag opens each named port, and who may reach it.
+PORT_FLAGS = {"grpc": "--port", "http": "--http-port", "metrics": "--metrics-port"}
+CLIENT_PORTS = {"grpc": GRPC_PORT, "http": HTTP_PORT}
 GPUS_PER_POD = "8"
 NON_ROOT_UID = 10001
 HEALTH_SERVICES = {"", "kimi.v1.InferenceService"}  # what kimi_grpc/server/app.py sets
@@ -336,11 +342,14 @@ def test_service_exposes_grpc_and_metrics_of_the_serving_pods(rendered):
     service = one(objects, "Service", "kimi-grpc")
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == ports["grpc"]["targetPort"] == GRPC_PORT
+    assert ports["http"]["port"] == ports["http"]["targetPort"] == HTTP_PORT
     assert ports["metrics"]["port"] == ports["metrics"]["targetPort"] == METRICS_PORT
+    assert set(ports) == set(PORT_FLAGS), f"{name}: unexpected Service ports {sorted(ports)}"
     selector = service["spec"]["selector"]
     for label, pod in server_pods(objects):
         args = serve_args(pod, objects, lws=label.startswith("LeaderWorkerSet"))
         assert int(flag(args, "--metrics-port")) == METRICS_PORT
+        assert int(flag(args, "--http-port")) == HTTP_PORT
         labels = pod["metadata"]["labels"]
         if label == "LeaderWorkerSet/worker":
             # The LWS controller labels worker pods worker-index >= 1: the Service skips them.
@@ -352,7 +361,36 @@ def test_service_exposes_grpc_and_metrics_of_the_serving_pods(rendered):
         assert selector.items() <= labels.items(), f"{name}: Service does not select {label}"
 
 
-def test_network_policy_admits_only_grpc_from_clients_and_ranks_from_the_group(rendered):
+def test_service_ports_target_container_ports_the_server_flags_open(rendered):
+    """Each Service port's targetPort (number or name) is a containerPort of every pod that serves,
+    with the same name, and the `kimi-grpc serve` flag for that name opens exactly it."""
+    name, objects = rendered
+    service = one(objects, "Service", "kimi-grpc")
+    for label, pod in server_pods(objects):
+        if label == "LeaderWorkerSet/worker":
+            continue  # not selected by the Service; serves nothing
+        args = serve_args(pod, objects, lws=label.startswith("LeaderWorkerSet"))
+        container_ports = server_container(pod)["ports"]
+        by_name = {p["name"]: p for p in container_ports}
+        assert len(by_name) == len(container_ports), f"{label}: duplicate port names"
+        assert len({p["containerPort"] for p in container_ports}) == len(container_ports), label
+        for port in service["spec"]["ports"]:
+            target = port["targetPort"]
+            matches = [
+                p
+                for p in container_ports
+                if (p["name"] if isinstance(target, str) else p["containerPort"]) == target
+            ]
+            assert len(matches) == 1, f"{name}: Service port {port['name']} -> {target}: {label}"
+            (opened,) = matches
+            assert opened["name"] == port["name"], f"{name}: {port['name']} targets {opened}"
+            assert opened.get("protocol", "TCP") == port.get("protocol", "TCP") == "TCP"
+            assert int(flag(args, PORT_FLAGS[port["name"]])) == opened["containerPort"], (
+                f"{label}: {PORT_FLAGS[port['name']]} does not open {opened}"
+            )
+
+
+def test_network_policy_admits_only_client_ports_from_clients_and_ranks_from_the_group(rendered):
     name, objects = rendered
     policy = one(objects, "NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress"]
@@ -363,12 +401,18 @@ def test_network_policy_admits_only_grpc_from_clients_and_ranks_from_the_group(r
     rules = policy["ingress"]
     for rule in rules:
         assert rule.get("from") and rule.get("ports"), f"{name}: a rule open to all: {rule}"
-    grpc = [r for r in rules if [p["port"] for p in r["ports"]] == [GRPC_PORT]]
+    # The client rule admits gRPC and the HTTP API, both exactly as the Service exposes them.
+    grpc = [r for r in rules if GRPC_PORT in [p["port"] for p in r["ports"]]]
     assert len(grpc) == 1 and grpc[0]["from"] == [
         {"podSelector": {"matchLabels": {"kimi-grpc.io/client": "true"}}}
     ]
+    client_ports = sorted((p["port"], p.get("protocol", "TCP")) for p in grpc[0]["ports"])
+    assert client_ports == sorted((p, "TCP") for p in CLIENT_PORTS.values()), client_ports
+    service = {p["name"]: p["targetPort"] for p in one(objects, "Service")["spec"]["ports"]}
+    assert {n: service[n] for n in CLIENT_PORTS} == CLIENT_PORTS, service
     metrics = [r for r in rules if [p["port"] for p in r["ports"]] == [METRICS_PORT]]
     assert len(metrics) == 1 and list(metrics[0]["from"][0]) == ["namespaceSelector"]
+    assert service["metrics"] == METRICS_PORT
     rest = [r for r in rules if r not in grpc + metrics]
     if not by_kind(objects, "LeaderWorkerSet"):
         assert rest == [], f"{name}: single-node pods need no rank-to-rank rule"
@@ -417,6 +461,7 @@ def test_server_flags_parse_with_the_real_cli(rendered):
             pytest.fail(f"{label}: `kimi-grpc serve` rejects the manifest's flags {args}")
         assert parsed.device == "cuda" and parsed.port == GRPC_PORT
         assert parsed.metrics_port == METRICS_PORT
+        assert parsed.http_port == HTTP_PORT, f"{label}: the HTTP API must be on"
         assert parsed.model == config["MODEL_DIR"] and parsed.model.startswith("/models/")
         assert parsed.kv_cache_memory == int(config["KV_CACHE_MEMORY"])
         assert parsed.tensor_parallel_size == int(config["TENSOR_PARALLEL_SIZE"])
