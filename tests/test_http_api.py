@@ -558,6 +558,9 @@ def test_error_classes_through_the_client(oai: openai.OpenAI, server: ServerProc
     with pytest.raises(openai.BadRequestError) as err:
         chat(oai, temperature="hot")
     assert err.value.param == "temperature" and err.value.status_code == 400
+    surrogate = b'{"messages": [{"role": "user", "content": "\\ud800"}]}'
+    refused = httpx.post(f"{server.http_base}/chat/completions", content=surrogate)
+    assert refused.status_code == 400 and "surrogate" in refused.json()["error"]["message"]
     bad_json = httpx.post(f"{server.http_base}/chat/completions", content=b"{")
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError) as err:
@@ -687,3 +690,24 @@ def test_sigterm_drains_http_too() -> None:
         assert srv.proc.wait(timeout=30) == 0
     with pytest.raises(grpc.RpcError):
         srv.health()
+
+
+def test_while_loading_every_route_is_503_with_retry_after() -> None:
+    from starlette.testclient import TestClient
+
+    from kimi_grpc.http.app import HttpApi
+    from kimi_grpc.server.runtime import Runtime
+    from kimi_grpc.server.servicer import InferenceServicer
+
+    runtime = Runtime(max_queued_requests=1)  # no model attached yet: still loading
+    client = TestClient(HttpApi(runtime, InferenceServicer(runtime)).app)
+    responses = (
+        client.get("/health"),
+        client.get("/v1/models"),
+        client.post("/v1/chat/completions", json={"messages": USER}),
+        client.post("/v1/completions", json={"prompt": "hi"}),
+    )
+    for response in responses:
+        assert response.status_code == 503, response.text
+        assert int(response.headers["retry-after"]) >= 1
+        assert "loading" in response.json()["error"]["message"]

@@ -91,7 +91,11 @@ class HttpApi:
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
-        handlers = {HTTPException: self._http_exception, HttpError: self._http_error}
+        handlers = {
+            HTTPException: self._http_exception,
+            HttpError: self._http_error,
+            Exception: self._server_error,
+        }
         self.app = _Front(Starlette(routes=routes, exception_handlers=handlers), self)
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -124,6 +128,16 @@ class HttpApi:
         except (ValueError, RecursionError) as exc:
             raise HttpError(400, f"the request body is not valid JSON ({exc})") from None
 
+    @staticmethod
+    def _translate(translate: Callable[..., Any], *args: Any) -> Any:
+        """A body → request translation with its refusals as HTTP errors."""
+        try:
+            return translate(*args)
+        except ServiceError as err:
+            raise HttpError.from_service(err) from None
+        except UnicodeEncodeError:  # JSON may escape a lone surrogate; no text can hold one
+            raise HttpError(400, "a string in the body holds an unpaired surrogate") from None
+
     def _count(self, path: str, status: int) -> None:
         if self.runtime.metrics is not None:
             route = path if path in ROUTES else "other"  # bounded label values
@@ -142,6 +156,10 @@ class HttpApi:
     async def _http_error(self, request: Request, err: Exception) -> Response:
         assert isinstance(err, HttpError)
         return self._refusal(request, err)
+
+    async def _server_error(self, request: Request, exc: Exception) -> Response:
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return self._refusal(request, HttpError(500, "internal server error"))
 
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -190,10 +208,7 @@ class HttpApi:
     async def chat_completions(self, request: Request) -> Response:
         data = await self._json(request)
         model = self.ready()
-        try:
-            call = chat_completion_call(data, *self.names(model))
-        except ServiceError as err:
-            raise HttpError.from_service(err) from None
+        call = self._translate(chat_completion_call, data, *self.names(model))
         engine_id = uuid.uuid4().hex
         completion_id, created = f"chatcmpl-{engine_id}", int(time.time())
         tokens = TokenText(model.tokenizer)
@@ -238,10 +253,7 @@ class HttpApi:
     async def completions(self, request: Request) -> Response:
         data = await self._json(request)
         model = self.ready()
-        try:
-            call = completion_call(data, *self.names(model))
-        except ServiceError as err:
-            raise HttpError.from_service(err) from None
+        call = self._translate(completion_call, data, *self.names(model))
         engine_id = uuid.uuid4().hex
         builder = CompletionBuilder(
             call, f"cmpl-{engine_id}", int(time.time()), TokenText(model.tokenizer)
