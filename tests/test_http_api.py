@@ -679,8 +679,11 @@ def test_sigterm_drains_http_too() -> None:
             assert next(lines).startswith("data: ")
             srv.proc.send_signal(signal.SIGTERM)
             srv.wait_for("draining")
-            late = httpx.post(url, json={**body, "stream": False}, timeout=10)
-            assert late.status_code == 503 and int(late.headers["retry-after"]) >= 1
+            late = openai.OpenAI(base_url=srv.http_base, api_key="x", max_retries=0)
+            with pytest.raises(openai.InternalServerError) as err:
+                chat(late, max_tokens=2)
+            assert err.value.status_code == 503
+            assert int(err.value.response.headers["retry-after"]) >= 1
             health = httpx.get(srv.http_base.removesuffix("/v1") + "/health", timeout=10)
             assert health.status_code == 503
             events = [line for line in lines if line]
