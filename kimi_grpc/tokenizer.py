@@ -60,8 +60,11 @@ def split_long_runs(text: str, max_run: int = MAX_NO_WHITESPACES_CHARS) -> list[
     if len(text) <= max_run:
         return [text]
     cuts: list[int] = []
-    for m in re.finditer(rf"\s{{{max_run + 1},}}|\S{{{max_run + 1},}}", text):
-        cuts.extend(range(m.start() + max_run, m.end(), max_run))
+    # Every maximal run once (linear time): a pattern such as \S{25001,} is retried at each
+    # start inside a shorter run, which is quadratic and held the GIL for seconds.
+    for m in re.finditer(r"\s+|\S+", text):
+        if m.end() - m.start() > max_run:
+            cuts.extend(range(m.start() + max_run, m.end(), max_run))
     bounds = [0, *cuts, len(text)]
     return [text[a:b] for a, b in pairwise(bounds)]
 

@@ -47,6 +47,9 @@ CLOCK = {
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
 }
 NO_THINKING = {"thinking": {"type": "disabled"}}
+DEEP_SCHEMA: dict = {"type": "object"}
+for _ in range(300):  # deeper than the grammar engine's recursion limit
+    DEEP_SCHEMA = {"type": "object", "properties": {"a": DEEP_SCHEMA}}
 
 
 @pytest.fixture(scope="module")
@@ -542,6 +545,24 @@ def test_completions_text_ids_and_special_tokens(
         ({"messages": USER, "stop": [1]}, "stop"),
         ({"messages": USER, "logit_bias": {"x": 1}}, "logit_bias"),
         ({"messages": USER, "prompt_cache_key": "k" * 300}, "prompt_cache_key"),
+        # Numbers beyond the proto's integer widths are 400s, not 500s.
+        ({"messages": USER, "top_k": 2**31}, "top_k"),
+        ({"messages": USER, "min_tokens": 2**31}, "min_tokens"),
+        ({"messages": USER, "stop_token_ids": [2**32]}, "stop_token_ids[0]"),
+        ({"messages": USER, "thinking": {"budget_tokens": 2**31}}, "thinking.budget_tokens"),
+        ({"messages": USER, "logit_bias": {"99999999999": 1}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": {"²": 1}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": {"5": None}}, "logit_bias.5"),
+        (
+            {
+                "messages": USER,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "deep", "schema": DEEP_SCHEMA},
+                },
+            },
+            "response_format.json_schema.schema",
+        ),
     ],
 )
 def test_bad_requests_are_400_naming_the_field(
@@ -566,6 +587,34 @@ def test_error_classes_through_the_client(oai: openai.OpenAI, server: ServerProc
     with pytest.raises(openai.NotFoundError) as err:
         chat(oai, model="gpt-4o")
     assert err.value.code == "model_not_found"
+    odd_model = b'{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}'
+    assert httpx.post(f"{server.http_base}/chat/completions", content=odd_model).status_code == 404
+    route = httpx.post(f"{server.http_base}/responses", json={})  # the Responses API: absent
+    assert route.status_code == 404 and route.json()["error"]["code"] == "unknown_route"
+
+
+def test_min_tokens_span_the_turn(oai: openai.OpenAI) -> None:
+    """min_tokens counts the whole turn across the thinking budget's phases."""
+    r = chat(
+        oai,
+        max_tokens=50,
+        extra_body={"min_tokens": 48, "thinking": {"type": "enabled", "budget_tokens": 5}},
+    )
+    assert r.usage.completion_tokens >= 48
+
+
+def test_completions_response_format(oai: openai.OpenAI, tokenizer: KimiTokenizer) -> None:
+    close = {str(tokenizer.encode(t)[0]): v for t, v in (("}", 30.0), ('"', -30.0), ('{"', -30.0))}
+    close[str(tokenizer.token_id("<|im_end|>"))] = 30.0
+    r = oai.completions.create(
+        model=MODEL,
+        prompt="JSON:",
+        max_tokens=32,
+        temperature=0,
+        logit_bias=close,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    assert isinstance(json.loads(r.choices[0].text), dict)
 
 
 # ---- cancellation and load ---------------------------------------------------------------------
@@ -663,6 +712,10 @@ def test_api_keys_and_admission(tmp_path) -> None:
             chat(good, messages=[{"role": "user", "content": "x " * 600}])
         assert "maximum context length" in err.value.message
         assert err.value.code == "context_length_exceeded" and err.value.param == "messages"
+        also_min = chat(
+            good, max_tokens=200_000, extra_body={"ignore_eos": True, "min_tokens": 100_000}
+        )
+        assert also_min.usage.total_tokens == 512  # min_tokens is clamped with max_tokens
         clamped = chat(  # max_completion_tokens wins over max_tokens, then is clamped
             good, max_completion_tokens=100_000, max_tokens=3, extra_body={"ignore_eos": True}
         )

@@ -114,8 +114,11 @@ class LLGuidanceBackend:
 
 
 def _schema_problems(schema_json: str, lenient: bool) -> tuple[str, ...]:
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(
-        schema_json, overrides={"lenient": True} if lenient else None
-    )
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            schema_json, overrides={"lenient": True} if lenient else None
+        )
+    except ValueError as exc:  # e.g. "recursion limit exceeded" for a deeply nested schema
+        return (str(exc),)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     return tuple(messages) if is_error else ()  # (lenient: warnings name what it ignored)

@@ -24,7 +24,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -45,6 +45,7 @@ OPEN_PATHS = ("/health",)  # no key needed (probes)
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")  # a client's x-request-id we echo
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 DONE = b"data: [DONE]\n\n"
+BIG_BODY_BYTES = 1024 * 1024  # parse and translate larger bodies off the event loop
 
 
 class ClientGone(Exception):
@@ -94,6 +95,7 @@ class HttpApi:
         handlers = {
             HTTPException: self._http_exception,
             HttpError: self._http_error,
+            ClientGone: self._client_gone,
             Exception: self._server_error,
         }
         self.app = _Front(Starlette(routes=routes, exception_handlers=handlers), self)
@@ -113,30 +115,36 @@ class HttpApi:
         except ServiceError as err:
             raise HttpError.from_service(err) from None
 
-    async def _json(self, request: Request) -> Any:
+    async def _call(self, request: Request, translate: Callable[..., Any]) -> tuple[Any, Any]:
+        """(model, call): the body read (bounded), parsed and translated by ``translate(data,
+        served, aliases)`` — off the event loop when it is large. Refusals are HttpErrors."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise HttpError(413, f"the request body exceeds {self.max_body_bytes} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise HttpError(413, f"the request body exceeds {self.max_body_bytes} bytes")
-            chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, RecursionError) as exc:
-            raise HttpError(400, f"the request body is not valid JSON ({exc})") from None
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise HttpError(413, f"the request body exceeds {self.max_body_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientGone from None
+        model = self.ready()
 
-    @staticmethod
-    def _translate(translate: Callable[..., Any], *args: Any) -> Any:
-        """A body → request translation with its refusals as HTTP errors."""
-        try:
-            return translate(*args)
-        except ServiceError as err:
-            raise HttpError.from_service(err) from None
-        except UnicodeEncodeError:  # JSON may escape a lone surrogate; no text can hold one
-            raise HttpError(400, "a string in the body holds an unpaired surrogate") from None
+        def parse() -> Any:
+            try:
+                data = json.loads(b"".join(chunks))
+            except (ValueError, RecursionError) as exc:
+                raise HttpError(400, f"the request body is not valid JSON ({exc})") from None
+            try:
+                return translate(data, *self.names(model))
+            except ServiceError as err:
+                raise HttpError.from_service(err) from None
+            except UnicodeEncodeError:  # JSON may escape a lone surrogate; no text holds one
+                raise HttpError(400, "a string in the body holds an unpaired surrogate") from None
+
+        return model, await asyncio.to_thread(parse) if size > BIG_BODY_BYTES else parse()
 
     def _count(self, path: str, status: int) -> None:
         if self.runtime.metrics is not None:
@@ -157,6 +165,10 @@ class HttpApi:
         assert isinstance(err, HttpError)
         return self._refusal(request, err)
 
+    async def _client_gone(self, request: Request, exc: Exception) -> Response:
+        logger.info("%s: the client disconnected", request.url.path)
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+
     async def _server_error(self, request: Request, exc: Exception) -> Response:
         logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return self._refusal(request, HttpError(500, "internal server error"))
@@ -164,7 +176,8 @@ class HttpApi:
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         message = {404: f"no route {request.url.path}", 405: "method not allowed"}
-        error = HttpError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+        code = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code)
+        error = HttpError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code=code)
         return self._refusal(request, error)
 
     # ---- routes ---------------------------------------------------------------------------------
@@ -206,9 +219,7 @@ class HttpApi:
         return JSONResponse(self._model_card(model, name))
 
     async def chat_completions(self, request: Request) -> Response:
-        data = await self._json(request)
-        model = self.ready()
-        call = self._translate(chat_completion_call, data, *self.names(model))
+        model, call = await self._call(request, chat_completion_call)
         engine_id = uuid.uuid4().hex
         completion_id, created = f"chatcmpl-{engine_id}", int(time.time())
         tokens = TokenText(model.tokenizer)
@@ -218,6 +229,8 @@ class HttpApi:
             first = await self._first(request, responses, engine_id)
             if first is None:
                 return Response(status_code=499)
+            if first.HasField("final") and first.final.finish_reason == pb.FINISH_REASON_ABORT:
+                raise _aborted()  # nothing was sent yet: a retryable status, not an event
             stream = ChatStream(call, completion_id, created, tokens)
             return self._sse(route, engine_id, responses, first, self._chat_chunks(stream))
 
@@ -251,9 +264,7 @@ class HttpApi:
         return chunks
 
     async def completions(self, request: Request) -> Response:
-        data = await self._json(request)
-        model = self.ready()
-        call = self._translate(completion_call, data, *self.names(model))
+        model, call = await self._call(request, completion_call)
         engine_id = uuid.uuid4().hex
         builder = CompletionBuilder(
             call, f"cmpl-{engine_id}", int(time.time()), TokenText(model.tokenizer)
@@ -268,6 +279,9 @@ class HttpApi:
             first = await self._first(request, responses, *ids)
             if first is None:
                 return Response(status_code=499)
+            final = first[1].final if first[1].HasField("final") else None
+            if final is not None and final.finish_reason == pb.FINISH_REASON_ABORT:
+                raise _aborted()
             tail = [builder.usage_chunk] if call.include_usage else []
             chunks = self._completion_chunks(call, builder)
             return self._sse(route, ids, responses, first, chunks, tail)
@@ -339,9 +353,8 @@ class HttpApi:
             raise HttpError.from_service(err) from None
         finally:
             gone.cancel()
-            if not task.done():  # this handler itself was cancelled
-                task.cancel()
-            if task.cancelled():  # the work did not finish: stop the engine requests now
+            if not (task.done() and not task.cancelled()):  # the work did not finish (the
+                task.cancel()  # client left, or this handler was cancelled): stop it now
                 await _close(responses)
                 self.runtime.abort(list(engine_ids))
 
@@ -405,7 +418,7 @@ async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]
         async for item in streams[0]:
             yield 0, item
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=16 * len(streams))  # a slow reader slows them
     done = object()
 
     async def pump(i: int, stream: AsyncIterator) -> None:

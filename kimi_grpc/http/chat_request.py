@@ -78,7 +78,7 @@ def chat_completion_call(data: object, served: str, aliases: tuple[str, ...]) ->
     named_tool = _tool_choice(body, step)
     if (parallel := body.boolean("parallel_tool_calls")) is not None:
         step.parallel_tool_calls = parallel
-    _response_format(body, step)
+    response_format(body, step.response_format)
     _thinking(body, step)
 
     step.sampling.CopyFrom(
@@ -230,24 +230,25 @@ def _tool_choice(body: Fields, step: pb.AgentStepRequest) -> bool:
     return True
 
 
-def _response_format(body: Fields, step: pb.AgentStepRequest) -> None:
+def response_format(body: Fields, out: pb.ResponseFormat) -> None:
+    """OpenAI's ``response_format`` (text / json_object / json_schema) into ``out``."""
     fmt = body.object("response_format")
     if fmt is None:
         return
     kind = fmt.choice("type", tuple(RESPONSE_FORMATS))
     if kind is None:
         raise invalid("response_format.type", "is required")
-    step.response_format.type = RESPONSE_FORMATS[kind]
+    out.type = RESPONSE_FORMATS[kind]
     if kind != "json_schema":
         return
     spec = fmt.object("json_schema")
     if spec is None:
         raise invalid("response_format.json_schema", "is required with type json_schema")
     if (name := spec.string("name")) is not None:
-        step.response_format.name = name
+        out.name = name
     schema = spec.object("schema")
     # No schema: any JSON object (OpenAI's json_object).
-    step.response_format.json_schema = json.dumps(
+    out.json_schema = json.dumps(
         schema.data if schema is not None else {"type": "object"}, ensure_ascii=False
     )
 
@@ -264,9 +265,9 @@ def _thinking(body: Fields, step: pb.AgentStepRequest) -> None:
         kind = thinking.choice("type", ("enabled", "disabled"))
         if kind is not None:
             step.mode = pb.MODE_THINKING if kind == "enabled" else pb.MODE_INSTANT
-        if thinking.choice("keep", ("all",)) == "all":
+        if thinking.string("keep") == "all":  # other values (kimi-cli passes its env through): off
             step.preserve_thinking = True
-        if (budget := thinking.integer("budget_tokens", 0)) is not None:
+        if (budget := thinking.integer("budget_tokens", 0, 2**31 - 1)) is not None:
             step.thinking_budget = budget
     kwargs_switch = kwargs is not None and any(
         kwargs.has(key) for key in ("thinking", "enable_thinking")

@@ -7,6 +7,7 @@ each prompt is one Generate request (with ``n`` completions) and choice ``i * n 
 calls", the K2 Vendor Verifier's ``--use-raw-completions``) posts a prompt the client rendered with
 the chat template and reads the tool-call markers back from ``text`` (Kimi's tool markers are
 not skipped by ``skip_special_tokens``). ``max_tokens`` defaults to 16, as in OpenAI's API.
+``response_format`` (json_object / json_schema) constrains every completion from its first token.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kimi_grpc.http.chat_request import response_format
 from kimi_grpc.http.chat_response import TokenText
 from kimi_grpc.http.fields import Fields, model_name, sampling
 from kimi_grpc.proto import inference_pb2 as pb
@@ -68,6 +70,7 @@ def completion_call(data: object, served: str, aliases: tuple[str, ...]) -> Comp
             request.token_ids.ids.extend(prompt)
         if (key := body.string("prompt_cache_key")) is not None:
             request.session_id = key
+        response_format(body, request.response_format)  # JSON from the first token
         requests.append(request)
     stream = bool(body.boolean("stream"))
     options = body.object("stream_options")
@@ -86,7 +89,7 @@ def completion_call(data: object, served: str, aliases: tuple[str, ...]) -> Comp
 def _prompts(prompt: Any) -> list[str | list[int]]:
     def token_ids(value: Any) -> bool:
         return isinstance(value, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in value
         )
 
     if isinstance(prompt, str):

@@ -79,6 +79,8 @@ class HttpError(Exception):
         code: str | None = None,
         retry_after_s: float | None = None,
     ) -> None:
+        # Client text quoted in a message may hold a lone surrogate: keep the body encodable.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message

@@ -9,6 +9,7 @@ Every check raises :class:`~kimi_grpc.server.errors.ServiceError` INVALID_ARGUME
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import grpc
@@ -18,6 +19,8 @@ from kimi_grpc.server.errors import ServiceError, invalid
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
+INT32_MAX = 2**31 - 1
+TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only (str.isdigit also takes "²", "٣")
 
 
 class Fields:
@@ -123,7 +126,7 @@ def model_name(body: Fields, served: str, aliases: tuple[str, ...]) -> str:
         return served
     if name != served and name not in aliases:
         raise ServiceError(
-            grpc.StatusCode.NOT_FOUND, f"The model `{name}` does not exist.", field="model"
+            grpc.StatusCode.NOT_FOUND, f"The model {name!r} does not exist.", field="model"
         )
     return name
 
@@ -140,30 +143,33 @@ def sampling(body: Fields, *, max_tokens_fields: tuple[str, ...]) -> pb.Sampling
     for key in ("presence_penalty", "frequency_penalty"):
         if (value := body.number(key, -2.0, 2.0)) is not None:
             setattr(params, key, value)
-    if (value := body.integer("top_k", -1)) is not None:
+    if (value := body.integer("top_k", -1, INT32_MAX)) is not None:
         params.top_k = value
     if (value := body.integer("seed")) is not None:
         params.seed = value % 2**63  # OpenAI seeds may be negative; the engine's are unsigned
     for key in max_tokens_fields:  # the first one given wins (max_completion_tokens first)
         if (value := body.integer(key, 1)) is not None:
-            params.max_tokens = min(value, 2**31 - 1)
+            params.max_tokens = min(value, INT32_MAX)
             break
-    if (value := body.integer("min_tokens", 0)) is not None:
+    if (value := body.integer("min_tokens", 0, INT32_MAX)) is not None:
         params.min_tokens = value
     params.ignore_eos = bool(body.boolean("ignore_eos"))
     params.include_stop_str_in_output = bool(body.boolean("include_stop_str_in_output"))
     params.stop.extend(_stop_strings(body))
     for i, token in enumerate(body.array("stop_token_ids") or []):
-        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
-            raise invalid(f"stop_token_ids[{i}]", "must be a non-negative integer")
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < 2**32:
+            raise invalid(f"stop_token_ids[{i}]", "must be a token id (a non-negative integer)")
         params.stop_token_ids.append(token)
     if (bias := body.object("logit_bias")) is not None:
         if len(bias.data) > MAX_LOGIT_BIAS:
             raise invalid("logit_bias", f"holds more than {MAX_LOGIT_BIAS} entries")
         for key in bias.data:
-            if not (isinstance(key, str) and key.isdigit()):
+            if not TOKEN_ID.fullmatch(key) or int(key) >= 2**32:
                 raise invalid("logit_bias", f"keys must be token ids; got {key!r}")
-            params.logit_bias[int(key)] = bias.number(key, -100.0, 100.0)
+            value = bias.number(key, -100.0, 100.0)
+            if value is None:
+                raise invalid(f"logit_bias.{key}", "must be a number")
+            params.logit_bias[int(key)] = value
     if (n := body.integer("n", 1)) is not None and n != 1:
         raise invalid("n", "only n = 1 is supported (one completion per request)")
     return params

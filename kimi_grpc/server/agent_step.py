@@ -192,6 +192,7 @@ class AgentStep:
                 thinking=self.thinking,
                 guided=self.guided,
                 tools_field="tools",
+                response_field="response_format.json_schema",
             )
         except GrammarError as exc:
             field = exc.field.replace("].parameters", "].parameters_json")
@@ -269,7 +270,8 @@ class AgentStep:
             error.reason = CONTEXT_LENGTH_EXCEEDED
             raise error
         if self.params.max_tokens is not None and self.params.max_tokens > room:
-            self.params = replace(self.params, max_tokens=room)
+            min_tokens = min(self.params.min_tokens, room)
+            self.params = replace(self.params, max_tokens=room, min_tokens=min_tokens)
 
     def _forced_tool_ids(self, first_call_index: int) -> list[int]:
         ids = [self.section_id, self.call_id]
@@ -372,12 +374,15 @@ class AgentStep:
                     if (r := force(self._forced_tool_ids(first_call_index))) is not None:
                         yield r
             params = self.params
-            if params.max_tokens is not None:
-                left = params.max_tokens - len(generated)
-                if left < 1:
-                    finish_reason = "length"
-                    break
-                params = replace(params, max_tokens=left)
+            left = None if params.max_tokens is None else params.max_tokens - len(generated)
+            if left is not None and left < 1:
+                finish_reason = "length"
+                break
+            # min_tokens counts the whole turn: what is left of it, within this phase.
+            min_tokens = max(params.min_tokens - len(generated), 0)
+            if left is not None:
+                min_tokens = min(min_tokens, left)
+            params = replace(params, max_tokens=left, min_tokens=min_tokens)
             pieces = self._pieces()
             cut: str | None = None
             stream = llm.generate(

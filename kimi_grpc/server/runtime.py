@@ -74,9 +74,7 @@ class Runtime:
         if self.model is None:
             raise unavailable("the model is still loading; retry shortly")
         if self.model.llm.errored is not None:
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE, "the engine failed; the server is restarting"
-            )
+            raise unavailable("the engine failed; the server is restarting")
         return self.model
 
     @asynccontextmanager
