@@ -10,6 +10,10 @@ Presets:
 
 * ``demo`` — the built-in model the server runs without ``--model``: tiny widths but Kimi's
   routing (384 experts, top-8, one shared expert), one dense and two MoE layers;
+* ``demo-vl`` — the demo text model (the same tensors for the same seed) plus a tiny MoonViT-3D
+  vision tower and patch-merger projector in the real layout (``vision_config``,
+  ``vision_tower.*`` / ``mm_projector.*`` bf16 tensors, the 64x64 position table, 14-pixel
+  patches, 2x2 merge) and K2.6's ``preprocessor_config.json``;
 * ``k2-shape-layers2`` — real K2.6 widths (hidden 7168, 64 heads, MLA ranks 1536/512, 384x2048
   experts) with 2 layers and the demo vocabulary, for GPU benchmarks (~10.7 GB);
 * ``bench-2g`` — K2.6 widths with 64 experts (~2.8 GB), for load-time / peak-memory benchmarks.
@@ -30,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from kimi_grpc import envs
-from kimi_grpc.config import parse_model_config
+from kimi_grpc.config import VisionConfig, parse_model_config
 from kimi_grpc.int4 import pack_int4
 from kimi_grpc.tokenizer import KimiTokenizer, demo_tokenizer_dir
 
@@ -38,6 +42,8 @@ ASSETS = Path(__file__).parent / "assets"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 # Bumped whenever the demo preset or the generator changes, so cached demos are rebuilt.
 DEMO_VERSION = 1
+# The same for the demo-vl preset (its text part is the demo's: a DEMO_VERSION bump bumps it too).
+DEMO_VL_VERSION = 1
 
 K2_IGNORE = [
     "re:.*self_attn.*",
@@ -92,22 +98,81 @@ K2_TEXT_CONFIG: dict[str, Any] = {
     "vocab_size": 163840,
 }
 
+DEMO_TEXT: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 96,
+    "kv_lora_rank": 64,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+}
+
+# Text-model overrides of K2_TEXT_CONFIG per preset.
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": 96,
-        "kv_lora_rank": 64,
-        "qk_nope_head_dim": 32,
-        "qk_rope_head_dim": 16,
-        "v_head_dim": 32,
-    },
+    "demo": DEMO_TEXT,
+    "demo-vl": DEMO_TEXT,
     "k2-shape-layers2": {"num_hidden_layers": 2},
     "bench-2g": {"num_hidden_layers": 2, "n_routed_experts": 64},
+}
+
+# K2.6's ``vision_config`` (kimi-vision-spec.md §1.1); ``text_hidden_size`` follows the preset.
+K26_VISION_CONFIG: dict[str, Any] = {
+    "_attn_implementation": "flash_attention_2",
+    "init_pos_emb_height": 64,
+    "init_pos_emb_time": 4,
+    "init_pos_emb_width": 64,
+    "merge_kernel_size": [2, 2],
+    "merge_type": "sd2_tpool",
+    "mm_hidden_size": 1152,
+    "mm_projector_type": "patchmerger",
+    "patch_size": 14,
+    "pos_emb_type": "divided_fixed",
+    "projector_hidden_act": "gelu",
+    "projector_ln_eps": 1e-05,
+    "text_hidden_size": 7168,
+    "video_attn_type": "spatial_temporal",
+    "vt_hidden_size": 1152,
+    "vt_intermediate_size": 4304,
+    "vt_num_attention_heads": 16,
+    "vt_num_hidden_layers": 27,
+}
+
+# Vision-tower overrides of K26_VISION_CONFIG for the presets that have one. head_dim 96/4 = 24
+# keeps the 2D RoPE's 4-way split (72 in the real model); the 64x64 table, 14-pixel patches and
+# the 2x2 merge stay real so preprocessing and token counts are K2.6's.
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    "demo-vl": {
+        "vt_hidden_size": 96,
+        "mm_hidden_size": 96,
+        "vt_intermediate_size": 128,
+        "vt_num_attention_heads": 4,
+        "vt_num_hidden_layers": 2,
+    },
+}
+
+VIDEO_PLACEHOLDER = "<|kimi_k25_video_placeholder|>"
+
+# K2.6's preprocessor_config.json ``media_proc_cfg`` (kimi-vision-spec.md §1.2).
+K26_MEDIA_PROC_CFG: dict[str, Any] = {
+    "in_patch_limit": 16384,
+    "patch_size": 14,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "merge_kernel_size": 2,
+    "fixed_output_tokens": None,
+    "patch_limit_on_one_side": 512,
+    "in_patch_limit_each_frame": 4096,
+    "in_patch_limit_video": None,
+    "sample_fps": 2.0,
+    "max_num_frames_each_video": None,
+    "temporal_merge_kernel_size": 4,
+    "timestamp_mode": "hh:mm:ss.fff",
+    "config_type": "media_proc.processors.moonvit.MoonViTMediaProcessorConfig",
 }
 
 
@@ -156,7 +221,7 @@ def preset_config(preset: str, tokenizer: KimiTokenizer) -> dict[str, Any]:
     }
     text.update(ids)
     text["quantization_config"] = quantization_config()
-    return {
+    config = {
         "architectures": ["KimiK25ForConditionalGeneration"],
         "model_type": "kimi_k25",
         **{k: v for k, v in ids.items() if k != "vocab_size"},
@@ -164,6 +229,17 @@ def preset_config(preset: str, tokenizer: KimiTokenizer) -> dict[str, Any]:
         "text_config": text,
         "tie_word_embeddings": False,
     }
+    if preset in VISION_PRESETS:
+        vision = copy.deepcopy(K26_VISION_CONFIG)
+        vision.update(VISION_PRESETS[preset])
+        vision["text_hidden_size"] = text["hidden_size"]
+        config.update(
+            ignore_index=-100,
+            use_unified_vision_chunk=True,
+            video_placeholder=VIDEO_PLACEHOLDER,
+            vision_config=vision,
+        )
+    return config
 
 
 def random_tensors(config: dict[str, Any], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -231,6 +307,45 @@ def random_tensors(config: dict[str, Any], seed: int) -> Iterator[tuple[str, tor
         yield from mlp(f"{layer}.mlp.shared_experts", c.moe_intermediate_size * c.n_shared_experts)
     yield norm("model.norm", h)
     yield f"{prefix}lm_head.weight", normal(c.vocab_size, h, fan_in=h)
+    if c.vision_config is not None:
+        # Its own generator: the text tensors stay those of the same preset without vision.
+        yield from random_vision_tensors(c.vision_config, seed)
+
+
+def random_vision_tensors(v: VisionConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every ``mm_projector.*`` / ``vision_tower.*`` tensor (bf16, Moonshot's names and shapes;
+    the projector comes first, as in K2.5's shards 63/64). Biases and norm shifts are non-zero
+    so that every parameter shows in the output."""
+    gen = torch.Generator().manual_seed(seed + 0x5649)
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    def linear(name: str, n_out: int, n_in: int) -> Iterator[tuple[str, torch.Tensor]]:
+        yield f"{name}.weight", normal(n_out, n_in, std=n_in**-0.5)
+        yield f"{name}.bias", normal(n_out, std=0.05)
+
+    def layer_norm(name: str, dim: int) -> Iterator[tuple[str, torch.Tensor]]:
+        yield f"{name}.weight", (1 + 0.1 * torch.randn(dim, generator=gen)).bfloat16()
+        yield f"{name}.bias", normal(dim, std=0.05)
+
+    c, p = v.vt_hidden_size, v.patch_size
+    yield from layer_norm("mm_projector.pre_norm", v.mm_hidden_size)
+    yield from linear("mm_projector.proj.0", v.projector_hidden_size, v.projector_hidden_size)
+    yield from linear("mm_projector.proj.2", v.text_hidden_size, v.projector_hidden_size)
+    yield "vision_tower.patch_embed.proj.weight", normal(c, 3, p, p, std=(3 * p * p) ** -0.5)
+    yield "vision_tower.patch_embed.proj.bias", normal(c, std=0.05)
+    table = (v.init_pos_emb_height, v.init_pos_emb_width, c)
+    yield "vision_tower.patch_embed.pos_emb.weight", normal(*table, std=0.5)
+    for i in range(v.vt_num_hidden_layers):
+        block = f"vision_tower.encoder.blocks.{i}"
+        yield from layer_norm(f"{block}.norm0", c)
+        yield from linear(f"{block}.wqkv", 3 * c, c)
+        yield from linear(f"{block}.wo", c, c)
+        yield from layer_norm(f"{block}.norm1", c)
+        yield from linear(f"{block}.mlp.fc0", v.vt_intermediate_size, c)
+        yield from linear(f"{block}.mlp.fc1", c, v.vt_intermediate_size)
+    yield from layer_norm("vision_tower.encoder.final_layernorm", c)
 
 
 def write_checkpoint(
@@ -295,7 +410,7 @@ def make_checkpoint(
         "max_length": config["text_config"]["max_position_embeddings"],
         "eos_token_id": tokenizer.im_end_id,
     }
-    return write_checkpoint(
+    out = write_checkpoint(
         out_dir,
         config,
         random_tensors(config, seed),
@@ -303,18 +418,26 @@ def make_checkpoint(
         tokenizer_dir=tokenizer_dir,
         max_shard_bytes=max_shard_bytes,
     )
+    if "vision_config" in config:
+        preprocessor = {"media_proc_cfg": copy.deepcopy(K26_MEDIA_PROC_CFG)}
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    return out
 
 
-def demo_checkpoint(seed: int = 0) -> Path:
-    """The built-in demo checkpoint, generated once into ``KIMI_GRPC_CACHE_DIR``."""
-    target = Path(envs.CACHE_DIR.get()) / f"demo-v{DEMO_VERSION}-seed{seed}"
+def demo_checkpoint(seed: int = 0, preset: str = "demo") -> Path:
+    """The built-in demo checkpoint (or ``demo-vl``), generated once into
+    ``KIMI_GRPC_CACHE_DIR``."""
+    versions = {"demo": DEMO_VERSION, "demo-vl": DEMO_VL_VERSION}
+    if preset not in versions:
+        raise ValueError(f"demo_checkpoint builds {' or '.join(versions)}, not {preset!r}")
+    target = Path(envs.CACHE_DIR.get()) / f"{preset}-v{versions[preset]}-seed{seed}"
     if (target / "model.safetensors.index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
     try:
         # Small shards so even the demo exercises the sharded-index path.
-        make_checkpoint(staging, "demo", seed=seed, max_shard_bytes=2 * 1024**2)
+        make_checkpoint(staging, preset, seed=seed, max_shard_bytes=2 * 1024**2)
         try:
             os.rename(staging, target)
         except OSError:  # another process won the race; its copy is identical

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mk = sub.add_parser("make-checkpoint", help="write a random checkpoint in the real K2.6 layout")
     mk.add_argument("out_dir")
-    mk.add_argument("--preset", required=True, help="demo | k2-shape-layers2 | bench-2g")
+    mk.add_argument("--preset", required=True, help="demo | demo-vl | k2-shape-layers2 | bench-2g")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--max-shard-size", type=int, default=2 * 1024**3, help="bytes per shard")
 

@@ -5,7 +5,10 @@ Two layouts exist (see shared/docs/kimi-spec.md §1):
 * flat ``DeepseekV3ForCausalLM`` / ``model_type: kimi_k2`` (K2-Instruct, K2-Thinking): the text
   model's fields sit at the top level and tensors are named ``model.layers.N...``;
 * nested ``KimiK25ForConditionalGeneration`` (K2.5, K2.6): the text model lives under
-  ``text_config`` and its tensors are prefixed ``language_model.``.
+  ``text_config`` and its tensors are prefixed ``language_model.``; the MoonViT-3D vision tower
+  and its projector are described by ``vision_config`` (+ the top-level
+  ``media_placeholder_token_id`` / ``video_placeholder``), parsed into :class:`VisionConfig`
+  (shared/docs/kimi-vision-spec.md §1.1). Text-only checkpoints have no vision part.
 
 The file is data only: ``auto_map`` entries (remote code) are never imported or executed.
 Every unknown or inconsistent value raises :class:`ConfigError` naming the offending field.
@@ -65,7 +68,8 @@ class Int4QuantConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The text model of a Kimi K2.x / DeepSeek-V3 checkpoint (field names follow config.json)."""
+    """The text model of a Kimi K2.x / DeepSeek-V3 checkpoint (field names follow config.json),
+    plus the vision tower's :class:`VisionConfig` for K2.5/K2.6 checkpoints that have one."""
 
     vocab_size: int
     hidden_size: int
@@ -100,6 +104,9 @@ class ModelConfig:
     weight_prefix: str = ""
     architecture: str = "DeepseekV3ForCausalLM"
     model_type: str = "kimi_k2"
+    # The vision tower + projector (nested K2.5/K2.6 configs with ``vision_config``); None for
+    # text-only checkpoints.
+    vision_config: VisionConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -202,6 +209,235 @@ class ModelConfig:
             and layer_idx >= self.first_k_dense_replace
             and layer_idx % self.moe_layer_freq == 0
         )
+
+
+# ---- vision (MoonViT-3D + patch-merger projector) ----------------------------------------------
+DEFAULT_MEDIA_PLACEHOLDER_TOKEN_ID = 163605  # <|media_pad|> in Kimi's vocabulary
+DEFAULT_VIDEO_PLACEHOLDER = "<|kimi_k25_video_placeholder|>"
+# config.json values this implementation computes; anything else is refused (spec §1.1).
+SUPPORTED_VISION_VALUES: dict[str, tuple[Any, ...]] = {
+    "pos_emb_type": ("divided_fixed",),
+    "video_attn_type": ("spatial_temporal",),
+    "merge_type": ("sd2_tpool",),
+    "mm_projector_type": ("patchmerger",),
+    "projector_hidden_act": ("gelu",),
+    # Hard-coded in Moonshot's remote code; vLLM reads them with these getattr defaults.
+    "activation_func": ("gelu_pytorch_tanh",),
+    "norm_type": ("layernorm",),
+    "pos_emb_interpolation_mode": ("bicubic",),
+    "attn_bias": (True,),
+    "hidden_act": ("gelu_pytorch_tanh",),
+    # Which attention kernel the remote code picks; informational: we always compute its
+    # flash_attention_2 semantics (block-diagonal per chunk). (Its "eager" path adds the boolean
+    # block mask as +1 to the logits instead of masking other chunks out.)
+    "_attn_implementation": (None, "flash_attention_2", "sdpa", "eager"),
+}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower (MoonViT-3D) and projector of a K2.5/K2.6 checkpoint.
+
+    Field names follow ``config.json`` (``vision_config.*``; the placeholder fields sit at the top
+    level there). The ``rope_*`` / ``layer_norm_eps`` / ``attn_bias`` / ``hidden_act`` fields are
+    constants of Moonshot's remote code that config.json does not carry (spec §1.1 "Not in
+    config"); they are fields only so the model reads them from one place.
+    """
+
+    vt_hidden_size: int = 1152
+    vt_intermediate_size: int = 4304
+    vt_num_attention_heads: int = 16
+    vt_num_hidden_layers: int = 27
+    patch_size: int = 14
+    init_pos_emb_height: int = 64  # learned 2D position table (H, W, C)
+    init_pos_emb_width: int = 64
+    init_pos_emb_time: int = 4  # fixed sin/cos rows: frames per video chunk at most
+    merge_kernel_size: tuple[int, int] = (2, 2)
+    mm_hidden_size: int = 1152  # projector pre-norm width (= vt_hidden_size)
+    text_hidden_size: int = 7168  # projector output (= the text model's hidden_size)
+    projector_ln_eps: float = 1e-5
+    media_placeholder_token_id: int = DEFAULT_MEDIA_PLACEHOLDER_TOKEN_ID
+    video_placeholder: str = DEFAULT_VIDEO_PLACEHOLDER
+    use_unified_vision_chunk: bool = True
+    pos_emb_type: str = "divided_fixed"
+    video_attn_type: str = "spatial_temporal"
+    merge_type: str = "sd2_tpool"
+    mm_projector_type: str = "patchmerger"
+    projector_hidden_act: str = "gelu"  # exact (erf) GELU
+    # Hard-coded in Moonshot's modeling_kimi_k25.py:
+    hidden_act: str = "gelu_pytorch_tanh"  # encoder MLP
+    attn_bias: bool = True  # wqkv / wo carry biases
+    layer_norm_eps: float = 1e-5  # every ViT LayerNorm (nn.LayerNorm default)
+    rope_theta: float = 10000.0  # 2D RoPE base
+    rope_max_height: int = 512  # 2D RoPE table bound: grids beyond it are refused
+    rope_max_width: int = 512
+
+    def __post_init__(self) -> None:
+        positive = (
+            "vt_hidden_size",
+            "vt_intermediate_size",
+            "vt_num_attention_heads",
+            "vt_num_hidden_layers",
+            "patch_size",
+            "init_pos_emb_height",
+            "init_pos_emb_width",
+            "init_pos_emb_time",
+            "mm_hidden_size",
+            "text_hidden_size",
+            "rope_max_height",
+            "rope_max_width",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"vision_config.{name} must be a positive integer, got {value!r}")
+        kernel = self.merge_kernel_size
+        if (
+            not isinstance(kernel, tuple)
+            or len(kernel) != 2
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in kernel)
+        ):
+            raise ConfigError(
+                f"vision_config.merge_kernel_size must be two positive integers, got {kernel!r}"
+            )
+        if self.vt_hidden_size % self.vt_num_attention_heads:
+            raise ConfigError(
+                f"vision_config.vt_hidden_size={self.vt_hidden_size} is not divisible by "
+                f"vt_num_attention_heads={self.vt_num_attention_heads}"
+            )
+        if self.head_dim % 4:
+            raise ConfigError(
+                f"vision_config: head_dim {self.head_dim} (vt_hidden_size / "
+                "vt_num_attention_heads) must be divisible by 4 for the 2D RoPE"
+            )
+        if self.vt_hidden_size % 2:
+            raise ConfigError(
+                f"vision_config.vt_hidden_size={self.vt_hidden_size} must be even (sin/cos halves)"
+            )
+        if self.mm_hidden_size != self.vt_hidden_size:
+            raise ConfigError(
+                f"vision_config.mm_hidden_size={self.mm_hidden_size} must equal "
+                f"vt_hidden_size={self.vt_hidden_size} (the projector normalises ViT outputs)"
+            )
+        for name, value in (
+            ("projector_ln_eps", self.projector_ln_eps),
+            ("layer_norm_eps", self.layer_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"vision_config.{name} must be > 0, got {value!r}")
+        for name, allowed in SUPPORTED_VISION_VALUES.items():
+            if hasattr(self, name) and getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"vision_config.{name} {getattr(self, name)!r} is not supported "
+                    f"(expected {' or '.join(repr(a) for a in allowed)})"
+                )
+        if not isinstance(self.video_placeholder, str) or not self.video_placeholder:
+            raise ConfigError(
+                f"video_placeholder must be a non-empty string, got {self.video_placeholder!r}"
+            )
+        if not isinstance(self.use_unified_vision_chunk, bool):
+            raise ConfigError(
+                "use_unified_vision_chunk must be true or false, got "
+                f"{self.use_unified_vision_chunk!r}"
+            )
+        token = self.media_placeholder_token_id
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise ConfigError(f"media_placeholder_token_id must be a token id, got {token!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.vt_hidden_size // self.vt_num_attention_heads
+
+    @property
+    def merge_size(self) -> int:
+        """ViT patches per merged token (4 for the 2x2 merge)."""
+        return self.merge_kernel_size[0] * self.merge_kernel_size[1]
+
+    @property
+    def projector_hidden_size(self) -> int:
+        """Width of one merged token before the projector: ``mm_hidden_size * kh * kw``."""
+        return self.mm_hidden_size * self.merge_size
+
+    def num_merged_tokens(self, grid_thw: tuple[int, int, int]) -> int:
+        """LLM tokens of one image or video chunk of ``grid_thw`` patches (``t`` is pooled)."""
+        _, h, w = grid_thw
+        return (h // self.merge_kernel_size[0]) * (w // self.merge_kernel_size[1])
+
+
+# Keys of ``vision_config`` that map onto VisionConfig fields (the rest is ignored, like the
+# text model's unused keys): validated by VisionConfig itself.
+_VISION_KEYS = (
+    "vt_hidden_size",
+    "vt_intermediate_size",
+    "vt_num_attention_heads",
+    "vt_num_hidden_layers",
+    "patch_size",
+    "init_pos_emb_height",
+    "init_pos_emb_width",
+    "init_pos_emb_time",
+    "mm_hidden_size",
+    "text_hidden_size",
+    "projector_ln_eps",
+    "pos_emb_type",
+    "video_attn_type",
+    "merge_type",
+    "mm_projector_type",
+    "projector_hidden_act",
+)
+
+
+def _parse_vision(raw: dict[str, Any], text_hidden_size: int, vocab_size: int) -> VisionConfig:
+    vision = raw["vision_config"]
+    if not isinstance(vision, dict):
+        raise ConfigError("vision_config must be an object")
+    kwargs: dict[str, Any] = {k: vision[k] for k in _VISION_KEYS if k in vision}
+    if kwargs.get("mm_hidden_size") is None:  # null in the remote config means "= vt width"
+        kwargs["mm_hidden_size"] = kwargs.get("vt_hidden_size", VisionConfig.vt_hidden_size)
+    kwargs.setdefault("text_hidden_size", text_hidden_size)
+    if "projector_ln_eps" in kwargs and isinstance(kwargs["projector_ln_eps"], int | float):
+        kwargs["projector_ln_eps"] = float(kwargs["projector_ln_eps"])
+    if "merge_kernel_size" in vision:
+        kernel = vision["merge_kernel_size"]
+        if isinstance(kernel, int) and not isinstance(kernel, bool):
+            kernel = [kernel, kernel]
+        if not isinstance(kernel, list | tuple):
+            raise ConfigError(
+                f"vision_config.merge_kernel_size must be two positive integers, got {kernel!r}"
+            )
+        kwargs["merge_kernel_size"] = tuple(kernel)
+    # Constants vLLM reads with getattr defaults: when present they must hold those values.
+    for key in (
+        "activation_func",
+        "norm_type",
+        "pos_emb_interpolation_mode",
+        "attn_bias",
+        "_attn_implementation",
+    ):
+        if key in vision and vision[key] not in SUPPORTED_VISION_VALUES[key]:
+            raise ConfigError(
+                f"vision_config.{key} {vision[key]!r} is not supported (expected "
+                f"{' or '.join(repr(a) for a in SUPPORTED_VISION_VALUES[key])})"
+            )
+    # The placeholder fields live at the top level of config.json (some dumps repeat them in
+    # vision_config; the top level wins).
+    for key in ("media_placeholder_token_id", "video_placeholder", "use_unified_vision_chunk"):
+        if key in raw:
+            kwargs[key] = raw[key]
+        elif key in vision:
+            kwargs[key] = vision[key]
+    config = VisionConfig(**kwargs)
+    if config.text_hidden_size != text_hidden_size:
+        raise ConfigError(
+            f"vision_config.text_hidden_size={config.text_hidden_size} must equal "
+            f"text_config.hidden_size={text_hidden_size} (the projector feeds the text model)"
+        )
+    if config.media_placeholder_token_id >= vocab_size:
+        raise ConfigError(
+            f"media_placeholder_token_id={config.media_placeholder_token_id} is outside "
+            f"vocab_size={vocab_size}"
+        )
+    return config
 
 
 # ---- parsing ------------------------------------------------------------------------------------
@@ -384,7 +620,16 @@ def parse_model_config(
     for name in required:
         if name not in text:
             raise ConfigError(f"config is missing required field {name!r}")
+    if "vision_config" in raw and not nested:
+        raise ConfigError(
+            "vision_config needs the nested KimiK25ForConditionalGeneration layout (text_config)"
+        )
     try:
+        vision = (
+            _parse_vision(raw, text["hidden_size"], text["vocab_size"])
+            if raw.get("vision_config") is not None
+            else None
+        )
         return ModelConfig(
             vocab_size=text["vocab_size"],
             hidden_size=text["hidden_size"],
@@ -418,6 +663,7 @@ def parse_model_config(
             weight_prefix=NESTED_WEIGHT_PREFIX if nested else "",
             architecture=arch or "DeepseekV3ForCausalLM",
             model_type=raw.get("model_type", model_type),
+            vision_config=vision,
             extra={"auto_map_ignored": bool(raw.get("auto_map") or text.get("auto_map"))},
         )
     except TypeError as exc:  # e.g. a string where a number belongs

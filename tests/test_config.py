@@ -292,3 +292,112 @@ def test_missing_or_invalid_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_model_config(tmp_path)
+
+
+# ---- vision_config (kimi-vision-spec.md §1.1) ---------------------------------------------------
+K26_VISION = {
+    "_attn_implementation": "flash_attention_2",
+    "init_pos_emb_height": 64,
+    "init_pos_emb_time": 4,
+    "init_pos_emb_width": 64,
+    "merge_kernel_size": [2, 2],
+    "merge_type": "sd2_tpool",
+    "mm_hidden_size": 1152,
+    "mm_projector_type": "patchmerger",
+    "patch_size": 14,
+    "pos_emb_type": "divided_fixed",
+    "projector_hidden_act": "gelu",
+    "projector_ln_eps": 1e-05,
+    "text_hidden_size": 7168,
+    "video_attn_type": "spatial_temporal",
+    "vt_hidden_size": 1152,
+    "vt_intermediate_size": 4304,
+    "vt_num_attention_heads": 16,
+    "vt_num_hidden_layers": 27,
+}
+
+
+def k26_with_vision() -> dict:
+    """K2.5's composite config with the real (K2.6) vision part and top-level media fields."""
+    raw = copy.deepcopy(K25)
+    raw.update(
+        ignore_index=-100,
+        media_placeholder_token_id=163605,
+        use_unified_vision_chunk=True,
+        video_placeholder="<|kimi_k25_video_placeholder|>",
+        vision_config=copy.deepcopy(K26_VISION),
+    )
+    return raw
+
+
+def test_k26_vision_config_parsed():
+    c = parse_model_config(k26_with_vision())
+    v = c.vision_config
+    assert v is not None
+    assert (v.vt_hidden_size, v.vt_num_attention_heads, v.head_dim) == (1152, 16, 72)
+    assert (v.vt_intermediate_size, v.vt_num_hidden_layers, v.patch_size) == (4304, 27, 14)
+    assert (v.init_pos_emb_height, v.init_pos_emb_width, v.init_pos_emb_time) == (64, 64, 4)
+    assert v.merge_kernel_size == (2, 2) and v.merge_size == 4
+    assert (v.mm_hidden_size, v.projector_hidden_size, v.text_hidden_size) == (1152, 4608, 7168)
+    assert v.projector_ln_eps == 1e-5 and v.projector_hidden_act == "gelu"
+    assert v.media_placeholder_token_id == 163605
+    assert v.video_placeholder == "<|kimi_k25_video_placeholder|>"
+    # Moonshot's hard-coded constants, documented as defaults.
+    assert (v.rope_theta, v.rope_max_height, v.rope_max_width) == (10000.0, 512, 512)
+    assert (v.hidden_act, v.attn_bias, v.layer_norm_eps) == ("gelu_pytorch_tanh", True, 1e-5)
+    assert v.num_merged_tokens((4, 48, 86)) == 1032  # spec §4.5: one frame's worth per chunk
+    # The text model is the same as without vision.
+    text_only = parse_model_config(copy.deepcopy(K25))
+    assert text_only.vision_config is None
+    assert c.hidden_size == text_only.hidden_size and c.quantization == text_only.quantization
+
+
+def test_vision_config_defaults_and_k25_spelling():
+    raw = k26_with_vision()
+    del raw["vision_config"]["_attn_implementation"]  # K2.5 has none
+    raw["vision_config"]["mm_hidden_size"] = None  # remote default: = vt_hidden_size
+    del raw["vision_config"]["text_hidden_size"]
+    raw["vision_config"]["merge_kernel_size"] = 2
+    del raw["media_placeholder_token_id"]  # KimiK25VisionConfig's default 163605
+    v = parse_model_config(raw).vision_config
+    assert v.mm_hidden_size == 1152 and v.text_hidden_size == 7168
+    assert v.merge_kernel_size == (2, 2) and v.media_placeholder_token_id == 163605
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("vision_config.pos_emb_type", "learnable", "vision_config.pos_emb_type"),
+        ("vision_config.video_attn_type", "spatial", "vision_config.video_attn_type"),
+        ("vision_config.merge_type", "sd2", "vision_config.merge_type"),
+        ("vision_config.mm_projector_type", "mlp", "vision_config.mm_projector_type"),
+        ("vision_config.projector_hidden_act", "relu", "vision_config.projector_hidden_act"),
+        ("vision_config._attn_implementation", "paged", "vision_config._attn_implementation"),
+        ("vision_config.activation_func", "gelu", "vision_config.activation_func"),
+        ("vision_config.attn_bias", False, "vision_config.attn_bias"),
+        ("vision_config.vt_hidden_size", "1152", "vision_config.vt_hidden_size"),
+        ("vision_config.vt_num_hidden_layers", 0, "vision_config.vt_num_hidden_layers"),
+        ("vision_config.vt_num_attention_heads", 7, "vt_num_attention_heads=7"),
+        ("vision_config.vt_num_attention_heads", 64, "head_dim 18"),  # 2D RoPE needs d % 4 == 0
+        ("vision_config.mm_hidden_size", 1024, "vision_config.mm_hidden_size"),
+        ("vision_config.text_hidden_size", 4096, "vision_config.text_hidden_size"),
+        ("vision_config.merge_kernel_size", [2, 2, 1], "vision_config.merge_kernel_size"),
+        ("vision_config.merge_kernel_size", "2x2", "vision_config.merge_kernel_size"),
+        ("vision_config.projector_ln_eps", 0, "vision_config.projector_ln_eps"),
+        ("vision_config.init_pos_emb_time", -1, "vision_config.init_pos_emb_time"),
+        ("media_placeholder_token_id", 999999, "media_placeholder_token_id"),
+        ("media_placeholder_token_id", "pad", "media_placeholder_token_id"),
+        ("video_placeholder", "", "video_placeholder"),
+        ("vision_config", [1, 2], "vision_config must be an object"),
+    ],
+)
+def test_bad_vision_configs_name_the_field(path, value, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        parse_model_config(_mutate(path, value, k26_with_vision()))
+
+
+def test_vision_config_needs_the_nested_layout():
+    flat = k2_thinking_flat()
+    flat["vision_config"] = copy.deepcopy(K26_VISION)
+    with pytest.raises(ConfigError, match="vision_config needs the nested"):
+        parse_model_config(flat)
