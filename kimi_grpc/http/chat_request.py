@@ -84,6 +84,8 @@ def chat_completion_call(data: object, served: str, aliases: tuple[str, ...]) ->
     step.sampling.CopyFrom(
         sampling(body, max_tokens_fields=("max_completion_tokens", "max_tokens"))
     )
+    if (n := body.integer("n", 1)) is not None and n != 1:
+        raise invalid("n", "only n = 1 is supported (a chat completion is one assistant turn)")
     logprobs = bool(body.boolean("logprobs"))
     top_logprobs = body.integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top_logprobs is not None and not logprobs:

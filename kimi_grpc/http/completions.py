@@ -53,7 +53,7 @@ def completion_call(data: object, served: str, aliases: tuple[str, ...]) -> Comp
     echo = bool(body.boolean("echo"))
     if echo and logprobs is not None:
         raise invalid("echo", "cannot be combined with logprobs (no prompt logprobs)")
-    params = sampling(Fields({**body.data, "n": None}), max_tokens_fields=("max_tokens",))
+    params = sampling(body, max_tokens_fields=("max_tokens",))
     if not params.HasField("max_tokens"):
         params.max_tokens = DEFAULT_MAX_TOKENS
     params.n = n

@@ -132,7 +132,8 @@ def model_name(body: Fields, served: str, aliases: tuple[str, ...]) -> str:
 
 
 def sampling(body: Fields, *, max_tokens_fields: tuple[str, ...]) -> pb.SamplingParams:
-    """The sampling fields of both endpoints (OpenAI's plus vLLM's extras) as the proto.
+    """The sampling fields of both endpoints (OpenAI's plus vLLM's extras) as the proto; ``n``
+    is each endpoint's own.
 
     Ranges are checked again by SamplingParams; errors from there name ``sampling.X``, which the
     HTTP error mapping renames to ``X``."""
@@ -170,8 +171,6 @@ def sampling(body: Fields, *, max_tokens_fields: tuple[str, ...]) -> pb.Sampling
             if value is None:
                 raise invalid(f"logit_bias.{key}", "must be a number")
             params.logit_bias[int(key)] = value
-    if (n := body.integer("n", 1)) is not None and n != 1:
-        raise invalid("n", "only n = 1 is supported (one completion per request)")
     return params
 
 
