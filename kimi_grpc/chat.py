@@ -13,9 +13,17 @@ Pipeline of :meth:`ChatRenderer.render` (docs/kimi-spec.md 3.1, 4.1, 4.4):
 3. Shield: every special-token string inside client data (``<|im_end|>``, ``<think>``, ...) is
    replaced by a per-render random ASCII sentinel, so after rendering, special-token strings can
    only come from the template's own markup.
-4. Render in a transformers-compatible Jinja sandbox; split the output on special-token strings
-   (-> special ids) and encode each text segment, sentinels restored, as ordinary text. The
-   returned ``text`` is the prompt with the client's strings exactly as given.
+4. Render in a transformers-compatible Jinja sandbox; replace each video placeholder the
+   template emitted by that video's timestamped chunk prompt (``video_prompts``; the client's own
+   text can never hold a placeholder, the shield hides it too); split the output on special-token
+   strings (-> special ids) and encode each text segment, sentinels restored, as ordinary text.
+   The returned ``text`` is the prompt with the client's strings exactly as given.
+
+Content is a string or a list of parts: ``{"type": "text", "text": ...}``, and in user messages
+``{"type": "image" | "image_url"}`` / ``{"type": "video" | "video_url"}`` (any other keys, such
+as the media bytes, are the caller's: they never reach the template). The template renders an
+image as ``<|media_begin|>image<|media_content|><|media_pad|><|media_end|>`` and a video as the
+checkpoint's placeholder; :attr:`RenderedChat.media` lists the media parts in prompt order.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +61,8 @@ RESERVED_TEMPLATE_VARS = frozenset(
     | {"raise_exception", "strftime_now", "dict", "namespace"}
 )
 MAX_JSON_DEPTH = 64  # nesting limit for arguments / tool schemas / kwargs (no RecursionError)
+DEFAULT_VIDEO_PLACEHOLDER = "<|kimi_k25_video_placeholder|>"  # config.json video_placeholder
+MEDIA_PART_TYPES = {"image": "image", "image_url": "image", "video": "video", "video_url": "video"}
 
 
 class ChatError(ValueError):
@@ -71,12 +81,25 @@ class RenderedChat:
     text: the rendered prompt, client strings exactly as given.
     token_ids: the prompt tokens (template markup -> special ids; client text never special).
     tool_call_ids: original history tool-call id -> normalised ``functions.NAME:N`` id.
-    num_tool_calls: tool calls in the history, i.e. the conversation index of the next one."""
+    num_tool_calls: tool calls in the history, i.e. the conversation index of the next one.
+    media: the image / video parts in prompt order (each image's ``<|media_pad|>`` and each
+    video's chunk pads appear in ``token_ids`` in this order)."""
 
     text: str
     token_ids: list[int]
     tool_call_ids: dict[str, str]
     num_tool_calls: int = 0
+    media: tuple[MediaRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    """Where one media part sits in the request: ``messages[message_index].content[part_index]``
+    (the caller's field name may differ), and whether it is an image or a video."""
+
+    message_index: int
+    part_index: int
+    kind: str  # "image" | "video"
 
 
 # ---- transformers-compatible Jinja environment -------------------------------------------------
@@ -224,11 +247,47 @@ class _Calls:
         return {"id": new_id, "type": "function", "function": {"name": name, "arguments": args}}
 
 
-def _normalise_messages(messages: Any) -> tuple[list[dict[str, Any]], dict[str, str], int]:
-    """Validated copies of the messages with renamed tool-call ids; plus the id map and the
-    number of tool calls. Only known keys are copied, so nothing else reaches the template."""
+def _content(
+    value: Any, role: str, path: str, message_index: int, media: list[MediaRef]
+) -> str | list[dict[str, str]] | None:
+    """A message's content: a string, null, or a list of parts (copied as ``{"type": "text",
+    "text"}`` / ``{"type": "image"}`` / ``{"type": "video"}``; media only in user messages, each
+    appended to ``media``)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list | tuple):
+        raise ChatError(path, "must be a string, null or a list of content parts")
+    parts: list[dict[str, str]] = []
+    for j, part in enumerate(value):
+        where = f"{path}[{j}]"
+        if not isinstance(part, Mapping):
+            raise ChatError(where, "must be an object")
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ChatError(f"{where}.text", "must be a string")
+            parts.append({"type": "text", "text": text})
+        elif kind in MEDIA_PART_TYPES:
+            if role != "user":
+                raise ChatError(where, f"{kind} parts are only allowed in user messages")
+            media.append(MediaRef(message_index, j, MEDIA_PART_TYPES[kind]))
+            parts.append({"type": MEDIA_PART_TYPES[kind]})
+        else:
+            want = ", ".join(["text", *MEDIA_PART_TYPES])
+            raise ChatError(f"{where}.type", f"must be one of {want}, got {kind!r}")
+    return parts
+
+
+def _normalise_messages(
+    messages: Any,
+) -> tuple[list[dict[str, Any]], dict[str, str], int, tuple[MediaRef, ...]]:
+    """Validated copies of the messages with renamed tool-call ids; plus the id map, the
+    number of tool calls and the media parts. Only known keys are copied, so nothing else
+    reaches the template."""
     if not isinstance(messages, list | tuple) or not messages:
         raise ChatError("messages", "must be a non-empty list")
+    media: list[MediaRef] = []
     calls = _Calls()
     out: list[dict[str, Any]] = []
     for i, msg in enumerate(messages):
@@ -238,7 +297,7 @@ def _normalise_messages(messages: Any) -> tuple[list[dict[str, Any]], dict[str, 
         role = msg.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise ChatError(f"{path}.role", f"must be one of {sorted(ROLES)}, got {role!r}")
-        content = _opt_str(msg, "content", path)
+        content = _content(msg.get("content"), role, f"{path}.content", i, media)
         name = _opt_str(msg, "name", path)
         reasoning = {k: _opt_str(msg, k, path) for k in ("reasoning_content", "reasoning")}
         norm: dict[str, Any] = {"role": role, "content": content or ""}
@@ -266,7 +325,7 @@ def _normalise_messages(messages: Any) -> tuple[list[dict[str, Any]], dict[str, 
             norm["tool_call_id"] = calls.latest[call_id]
         out.append(norm)
     # Every original id maps to its LAST renaming (a repeated id is answered by the newest call).
-    return out, dict(calls.latest), calls.count
+    return out, dict(calls.latest), calls.count, tuple(media)
 
 
 def _normalise_tools(tools: Any) -> list[dict[str, Any]]:
@@ -374,7 +433,15 @@ class ChatRenderer:
     """Renders chats with one compiled chat template for one tokenizer. Thread-safe: render()
     keeps no state between calls."""
 
-    def __init__(self, template_source: str, tokenizer: KimiTokenizer) -> None:
+    def __init__(
+        self,
+        template_source: str,
+        tokenizer: KimiTokenizer,
+        *,
+        video_placeholder: str = DEFAULT_VIDEO_PLACEHOLDER,
+    ) -> None:
+        """``video_placeholder``: the text the template emits for a video part (the checkpoint's
+        ``video_placeholder``); shielded in client text like a special token."""
         if not isinstance(template_source, str):
             raise ChatError("chat_template", "must be a string")
         try:
@@ -383,18 +450,28 @@ class ChatRenderer:
             raise ChatError("chat_template", f"invalid template: {exc}") from exc
         self._tok = tokenizer
         self._special_ids = tokenizer.special_tokens
-        self._names = sorted(self._special_ids)
+        self._special_re = re.compile(_trie_regex(sorted(self._special_ids)))
+        # What client text may not spell: the special tokens and the video placeholder.
+        self.video_placeholder = video_placeholder
+        self._names = sorted(set(self._special_ids) | {video_placeholder})
         self._index = {name: i for i, name in enumerate(self._names)}
-        self._special_re = re.compile(_trie_regex(self._names))
+        self._shielded_re = re.compile(_trie_regex(self._names))
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, tokenizer: KimiTokenizer) -> ChatRenderer:
+    def from_model_dir(
+        cls,
+        path: str | Path,
+        tokenizer: KimiTokenizer,
+        *,
+        video_placeholder: str = DEFAULT_VIDEO_PLACEHOLDER,
+    ) -> ChatRenderer:
         """Template from ``chat_template.jinja`` in ``path``, else ``tokenizer_config.json``'s
         ``chat_template`` (a string, or a list of {"name", "template"}: the "default" one)."""
         path = Path(path)
         try:
             if (path / TEMPLATE_FILE).is_file():
-                return cls((path / TEMPLATE_FILE).read_text(encoding="utf-8"), tokenizer)
+                source = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
+                return cls(source, tokenizer, video_placeholder=video_placeholder)
             cfg_path = path / TOKENIZER_CONFIG_FILE
             if not cfg_path.is_file():
                 raise ChatError("chat_template", f"{path}: no {TEMPLATE_FILE} or {cfg_path.name}")
@@ -408,7 +485,7 @@ class ChatRenderer:
         if not isinstance(source, str):
             why = "has no chat_template string (or list entry named 'default')"
             raise ChatError("chat_template", f"{cfg_path} {why}")
-        return cls(source, tokenizer)
+        return cls(source, tokenizer, video_placeholder=video_placeholder)
 
     def render(
         self,
@@ -419,8 +496,12 @@ class ChatRenderer:
         thinking: bool = True,
         preserve_thinking: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        video_prompts: Sequence[str] = (),
     ) -> RenderedChat:
-        """Validate, normalise, render and tokenize one chat (see the module docstring)."""
+        """Validate, normalise, render and tokenize one chat (see the module docstring).
+
+        ``video_prompts``: one per video part, in order (``ProcessedVideo.prompt``), each
+        replacing that video's placeholder before tokenization, as Moonshot's processor does."""
         flags = {
             "add_generation_prompt": add_generation_prompt,
             "thinking": thinking,
@@ -429,7 +510,10 @@ class ChatRenderer:
         for name, value in flags.items():
             if not isinstance(value, bool):
                 raise ChatError(name, "must be a boolean")
-        msgs, id_map, num_calls = _normalise_messages(messages)
+        msgs, id_map, num_calls, media = _normalise_messages(messages)
+        videos = sum(1 for ref in media if ref.kind == "video")
+        if len(video_prompts) != videos:
+            raise ChatError("messages", f"{videos} video parts but {len(video_prompts)} prompts")
         tool_list = _normalise_tools(tools)
         try:
             ts = encode_tools_to_typescript_style(tool_list)
@@ -437,7 +521,7 @@ class ChatRenderer:
             raise ChatError(exc.path, exc.reason) from None
         extra = _normalise_kwargs(template_kwargs)
 
-        shield = _Shield(self._special_re, self._names, self._index)
+        shield = _Shield(self._shielded_re, self._names, self._index)
         context = {
             **shield.hide_json(extra),
             **flags,
@@ -450,10 +534,30 @@ class ChatRenderer:
         except Exception as exc:
             why = f"rendering failed: {type(exc).__name__}: {exc}"
             raise ChatError("chat_template", why) from exc
-        return self._tokenize(rendered, shield, id_map, num_calls)
+        if video_prompts:
+            rendered = self._replace_video_placeholders(rendered, video_prompts)
+        return self._tokenize(rendered, shield, id_map, num_calls, media)
+
+    def _replace_video_placeholders(self, rendered: str, prompts: Sequence[str]) -> str:
+        pieces = rendered.split(self.video_placeholder)
+        if len(pieces) - 1 != len(prompts):
+            raise ChatError(
+                "chat_template",
+                f"the template rendered {len(pieces) - 1} video placeholders for "
+                f"{len(prompts)} video parts",
+            )
+        out = [pieces[0]]
+        for prompt, rest in zip(prompts, pieces[1:], strict=True):
+            out += [prompt, rest]
+        return "".join(out)
 
     def _tokenize(
-        self, rendered: str, shield: _Shield, id_map: dict[str, str], num_calls: int
+        self,
+        rendered: str,
+        shield: _Shield,
+        id_map: dict[str, str],
+        num_calls: int,
+        media: tuple[MediaRef, ...],
     ) -> RenderedChat:
         """Special-token strings left in ``rendered`` are the template's: map them to ids; the
         text between them (client strings restored) is encoded with specials disallowed."""
@@ -469,7 +573,7 @@ class ChatRenderer:
         text = "".join(pieces)
         if shield.nonce in text:
             raise ChatError("chat_template", "the template altered client text (broken sentinel)")
-        return RenderedChat(text, ids, id_map, num_calls)
+        return RenderedChat(text, ids, id_map, num_calls, media)
 
     def _add_text(self, segment: str, pieces: list[str], ids: list[int]) -> None:
         if segment:

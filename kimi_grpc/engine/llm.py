@@ -11,7 +11,9 @@ import torch
 from kimi_grpc.config import EngineConfig
 from kimi_grpc.engine.llm_engine import LLMEngine
 from kimi_grpc.engine.outputs import CompletionOutput, RequestOutput
+from kimi_grpc.media.request import MediaSpan
 from kimi_grpc.model import KimiForCausalLM
+from kimi_grpc.model.vision import KimiVisionModel
 from kimi_grpc.parallel.distributed import ParallelConfig, free_port, rank_device
 from kimi_grpc.parallel.leader import Leader
 from kimi_grpc.parallel.memory_plan import plan_or_refuse
@@ -78,13 +80,16 @@ def load_engine(
         )
         leader = Leader(spec, rank_device(device, 0))
     try:
+        rank0_device = rank_device(device, 0) if leader else device
         net = KimiForCausalLM.from_checkpoint(
-            path,
-            dtype=torch_dtype,
-            device=rank_device(device, 0) if leader else device,
-            ctx=leader.ctx if leader else None,
+            path, dtype=torch_dtype, device=rank0_device, ctx=leader.ctx if leader else None
         )
-        engine = LLMEngine(net, KimiTokenizer.from_dir(path), config, leader=leader)
+        # The vision tower runs on rank 0 only; the model broadcasts its embeddings to the other
+        # ranks inside the forward (docs/ARCHITECTURE.md, "Images and video").
+        vision = None
+        if net.config.vision_config is not None:
+            vision = KimiVisionModel.from_checkpoint(path, dtype=torch_dtype, device=rank0_device)
+        engine = LLMEngine(net, KimiTokenizer.from_dir(path), config, leader=leader, vision=vision)
     except BaseException:
         if leader is not None:
             leader.fail("rank 0 failed to load")
@@ -128,12 +133,21 @@ class LLM:
         self,
         prompts: str | list[int] | Seq[str | list[int]],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        media: Seq[Seq[MediaSpan]] | None = None,
     ) -> list[RequestOutput]:
+        """``media[i]``: prompt i's images / video chunks (``ChatPrompt.spans``); for a single
+        prompt, its spans directly."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
+            if media is not None and all(isinstance(span, MediaSpan) for span in media):
+                media = [media]
         prompts = list(prompts)
+        media = [()] * len(prompts) if media is None else list(media)
+        if len(media) != len(prompts):
+            raise ValueError(f"got media for {len(media)} prompts, not {len(prompts)}")
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = (
@@ -148,10 +162,10 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         order = []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
+            for prompt, p, spans in zip(prompts, params, media, strict=True):
                 request_id = f"offline-{self._counter}"
                 self._counter += 1
-                ids = self.engine.add_request(request_id, prompt, p)
+                ids = self.engine.add_request(request_id, prompt, p, media=spans)
                 results[request_id] = RequestOutput(
                     request_id, ids, [CompletionOutput(i) for i in range(p.n)]
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from kimi_grpc.config import EngineConfig
 from kimi_grpc.engine.block_manager import BlockManager
 from kimi_grpc.engine.kv_cache import LatentKVCache, kv_cache_pages
+from kimi_grpc.engine.media_encoder import MediaEncoder, cache_keys
 from kimi_grpc.engine.model_runner import ModelRunner
 from kimi_grpc.engine.sampler import Sampler, SamplingState, make_generator
 from kimi_grpc.engine.scheduler import Scheduler
@@ -24,7 +26,9 @@ from kimi_grpc.engine.sequence import FinishReason, Sequence, SequenceStatus
 from kimi_grpc.engine.stop_checker import StopChecker
 from kimi_grpc.guided import Constraint, Guide, GuidedStats, GuideError, MaskFiller, StepMasks
 from kimi_grpc.guided.llguidance_backend import LLGuidanceBackend
+from kimi_grpc.media.request import MediaSpan
 from kimi_grpc.model import KimiForCausalLM
+from kimi_grpc.model.vision import KimiVisionModel
 from kimi_grpc.parallel.leader import Leader
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import IncrementalDetokenizer, KimiTokenizer
@@ -102,8 +106,11 @@ class LLMEngine:
         config: EngineConfig,
         *,
         leader: Leader | None = None,
+        vision: KimiVisionModel | None = None,
     ) -> None:
-        """``leader``: rank 0's handle on the other tensor-parallel ranks (None: one process)."""
+        """``leader``: rank 0's handle on the other tensor-parallel ranks (None: one process).
+        ``vision``: the checkpoint's vision tower + projector (None: text only; requests with
+        media are refused)."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_path: Path | None = None  # set by load_engine, for reporting
         mc = model.config
@@ -131,7 +138,10 @@ class LLMEngine:
             max_waiting=config.max_waiting,
             max_prefill_chunk_tokens=config.prefill_chunk_cap,
         )
-        self.runner = ModelRunner(model, self.cache, leader)
+        self.media_encoder: MediaEncoder | None = None
+        if vision is not None:
+            self.media_encoder = MediaEncoder(vision, config.encoder_cache_tokens)
+        self.runner = ModelRunner(model, self.cache, leader, self.media_encoder)
         # Requests without a seed share one engine-wide stream.
         self.sampler = Sampler(make_generator(config.seed, model.device))
         # Stop on every eos the checkpoint declares, plus <|im_end|> and [EOS] (Kimi's rule).
@@ -169,8 +179,12 @@ class LLMEngine:
         priority: int = 0,
         session_id: str | None = None,
         constraint: Constraint | None = None,
+        media: Seq[MediaSpan] = (),
     ) -> list[int]:
         """Validates and queues a request; returns its prompt token ids.
+
+        ``media``: the prompt's images / video chunks (``media.request.media_prompt``), in
+        position order; their vision embeddings replace those positions' token embeddings.
 
         ``constraint``: guided decoding (grammar compiled by the caller with
         :attr:`grammar_backend`); each completion follows it with its own :class:`Guide`.
@@ -203,6 +217,9 @@ class LLMEngine:
         if not prompt_ids:
             raise RequestError("prompt", "prompt is empty")
         params.validate_token_ids(self.model.config.vocab_size)
+        media = tuple(media)
+        if media:
+            self._check_media(prompt_ids, media)
         if constraint is not None and constraint.uses_grammar:
             if self.grammar_backend is None:
                 raise RequestError("guided_decoding", "guided decoding is off on this server")
@@ -234,6 +251,7 @@ class LLMEngine:
                 f"{self.blocks.num_pages}; lower max_tokens or raise kv_cache_memory",
             )
         now = time.monotonic()
+        keys = cache_keys(prompt_ids, media)  # computed once for the request's n sequences
         seqs = []
         for index in range(params.n):
             sampling = SamplingState.create(
@@ -259,6 +277,8 @@ class LLMEngine:
                     priority=priority,
                     arrival=now,
                     session_id=session_id,
+                    media=media,
+                    prompt_cache_keys=keys,
                 )
             )
         if constraint is not None:
@@ -269,6 +289,19 @@ class LLMEngine:
         if constraint is not None and constraint.uses_grammar:
             self.guided_stats.add(constrained_requests=1)
         return prompt_ids
+
+    def _check_media(self, prompt_ids: list[int], media: tuple[MediaSpan, ...]) -> None:
+        if self.media_encoder is None:
+            raise RequestError("media", "this model has no vision tower: images and video are off")
+        pad = self.media_encoder.vision.config.media_placeholder_token_id
+        end = 0
+        for i, span in enumerate(media):
+            if span.offset < end or span.end > len(prompt_ids):
+                why = f"media span {i} [{span.offset}, {span.end}) overlaps or leaves the prompt"
+                raise RequestError("media", why)
+            if any(prompt_ids[p] != pad for p in range(span.offset, span.end)):
+                raise RequestError("media", f"media span {i} does not cover media pad tokens")
+            end = span.end
 
     def abort_request(self, request_id: str) -> list[SequenceDelta]:
         """Finishes every unfinished sequence of the request now (pages freed at once)."""
@@ -343,7 +376,7 @@ class LLMEngine:
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             if seq.num_computed_tokens // page > len(seq.table.hashes):
-                self.blocks.commit(seq.table, seq.token_ids(), seq.num_computed_tokens)
+                self.blocks.commit(seq.table, seq.cache_token_ids(), seq.num_computed_tokens)
         if not rows:
             return []
         ready = [scheduled[r][0] for r in rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kimi_grpc.engine.kv_cache import LatentKVCache
+from kimi_grpc.engine.media_encoder import MediaEncoder
 from kimi_grpc.engine.sequence import Sequence
 from kimi_grpc.model import ForwardBatch, KimiForCausalLM
 from kimi_grpc.parallel.leader import Leader
@@ -12,21 +13,39 @@ from kimi_grpc.parallel.leader import Leader
 
 class ModelRunner:
     def __init__(
-        self, model: KimiForCausalLM, cache: LatentKVCache, leader: Leader | None = None
+        self,
+        model: KimiForCausalLM,
+        cache: LatentKVCache,
+        leader: Leader | None = None,
+        media: MediaEncoder | None = None,
     ) -> None:
-        self.model, self.cache, self.leader = model, cache, leader
+        """``media``: the vision encoder (None for a text-only checkpoint)."""
+        self.model, self.cache, self.leader, self.media = model, cache, leader, media
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ForwardBatch:
-        """The flat batch computing ``n`` new tokens for each ``(sequence, n)``."""
+        """The flat batch computing ``n`` new tokens for each ``(sequence, n)``, with the vision
+        embeddings of any image / video positions among them (encoded here when not cached)."""
         new_tokens, context_lens, tables = [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             new_tokens.append(seq.token_slice(start, start + n))
             context_lens.append(start + n)
             tables.append(seq.table.pages)
-        return ForwardBatch.build(
-            new_tokens, context_lens, tables, self.cache.page_size, self.model.device
+        step_media = None
+        if self.media is not None and any(seq.media for seq, _ in scheduled):
+            ranges = [(seq.media, seq.num_computed_tokens, n) for seq, n in scheduled]
+            step_media = self.media.step_embeddings(ranges)
+        batch = ForwardBatch.build(
+            new_tokens,
+            context_lens,
+            tables,
+            self.cache.page_size,
+            self.model.device,
+            media_rows=step_media.rows if step_media else (),
         )
+        if step_media is not None:
+            batch.media_embeds = step_media.embeds
+        return batch
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits ``[num_sequences, vocab]`` at each sequence's last computed token.

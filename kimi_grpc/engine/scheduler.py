@@ -128,7 +128,7 @@ class Scheduler:
                 load = _SessionLoad(self.running)
             i = self._next_admission(load)
             seq = self.waiting[i]
-            tokens = seq.token_ids()
+            tokens = seq.cache_token_ids()
             table = self.blocks.allocate(tokens, len(tokens))
             if table is None:
                 break  # the chosen one waits for pages; no later request jumps it

@@ -15,8 +15,10 @@ import enum
 from dataclasses import dataclass
 
 from kimi_grpc.engine.block_manager import PageTable
+from kimi_grpc.engine.media_encoder import cache_keys
 from kimi_grpc.engine.sampler import SamplingState
 from kimi_grpc.engine.stop_checker import StopChecker
+from kimi_grpc.media.request import MediaSpan
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import IncrementalDetokenizer
 
@@ -55,6 +57,15 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # Images / video chunks in the prompt, by position (shared by the request's n sequences).
+    media: tuple[MediaSpan, ...] = ()
+    # The prompt as the prefix cache keys it: token ids, media positions replaced by their
+    # content keys (see media_encoder.cache_keys); the prompt list itself without media.
+    prompt_cache_keys: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_cache_keys is None:
+            self.prompt_cache_keys = cache_keys(self.prompt_token_ids, self.media)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -67,6 +78,11 @@ class Sequence:
     def token_ids(self) -> list[int]:
         """Prompt + output so far (what a re-admitted sequence recomputes)."""
         return self.prompt_token_ids + self.sampling.output_token_ids
+
+    def cache_token_ids(self) -> list[int]:
+        """What the prefix cache hashes: :meth:`token_ids` with media positions keyed by
+        content (two images behind the same pad ids never share pages)."""
+        return self.prompt_cache_keys + self.sampling.output_token_ids
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """``token_ids()[start:end]`` without concatenating the whole sequence."""

@@ -124,7 +124,7 @@ class MediaConfig:
                 f"{type(raw).__name__}"
             )
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(set(raw) - known - {"config_type"})  # config_type: a class tag
         if unknown:
             logger.warning(
                 "%s: media_proc_cfg fields ignored: %s", PREPROCESSOR_CONFIG, ", ".join(unknown)

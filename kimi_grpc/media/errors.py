@@ -16,9 +16,11 @@ EMPTY = "empty"  # zero bytes, zero pixels, zero frames
 
 class MediaError(ValueError):
     """Refused media input: ``message`` says what and why (it never includes the payload);
-    ``reason`` is one of the module constants above."""
+    ``reason`` is one of the module constants above; ``field`` the request part it came from
+    ("" until the request layer knows it)."""
 
-    def __init__(self, message: str, *, reason: str = UNDECODABLE) -> None:
+    def __init__(self, message: str, *, reason: str = UNDECODABLE, field: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
+        self.field = field

@@ -29,6 +29,12 @@ class ForwardBatch:
     new_token_ids: list[list[int]]  # [B][query_len]
     block_tables_host: list[list[int]]  # [B][pages]
     page_size: int
+    # Vision embeddings: ``media_embeds[i]`` replaces the embedding of flat token
+    # ``media_rows[i]`` (an image / video position). Under tensor parallelism only rank 0 has
+    # the embeddings (None on the others, which receive them from rank 0 in the forward).
+    media_rows: torch.Tensor | None = None  # [M] int64, or None without media in this step
+    media_rows_host: list[int] = ()
+    media_embeds: torch.Tensor | None = None  # [M, hidden]
 
     @classmethod
     def build(
@@ -38,9 +44,11 @@ class ForwardBatch:
         block_tables: list[list[int]],
         page_size: int,
         device: torch.device,
+        media_rows: list[int] = (),
     ) -> ForwardBatch:
         """``token_ids[b]`` are sequence b's new tokens; it holds ``context_lens[b]`` tokens after
-        the step, stored in pages ``block_tables[b]``."""
+        the step, stored in pages ``block_tables[b]``. ``media_rows``: the flat tokens whose
+        embeddings are vision embeddings (ascending; set ``media_embeds`` on rank 0)."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -72,7 +80,11 @@ class ForwardBatch:
         def longs(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
+        if media_rows and not all(0 <= r < len(ids) for r in media_rows):
+            raise ValueError(f"media rows outside the batch's {len(ids)} tokens")
         return cls(
+            media_rows=longs(list(media_rows)) if media_rows else None,
+            media_rows_host=list(media_rows),
             input_ids=longs(ids),
             positions=longs(positions),
             slot_mapping=longs(slots),

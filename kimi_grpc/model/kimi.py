@@ -83,7 +83,7 @@ class KimiForCausalLM(nn.Module):
         super().__init__()
         device = torch.device(device)
         ctx = ctx or ParallelContext()
-        self.config, self.dtype, self.device = config, dtype, device
+        self.config, self.dtype, self.device, self.ctx = config, dtype, device, ctx
         kw = dict(ctx=ctx, dtype=dtype, device=device)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **kw)
         self.layers = nn.ModuleList(
@@ -107,11 +107,26 @@ class KimiForCausalLM(nn.Module):
         kv_caches: one ``[num_pages, page_size, kv_lora_rank + rope_dim]`` pool per layer.
         """
         h = self.embed_tokens.embed(batch.input_ids)
+        if batch.media_rows is not None:
+            h[batch.media_rows] = self._media_embeds(batch)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = layer(h, batch, self.rope, kv_cache)
         if not all_logits:
             h = h[batch.logits_indices]
         return self.lm_head.logits(self.norm(h))
+
+    def _media_embeds(self, batch: ForwardBatch) -> torch.Tensor:
+        """``[M, hidden]`` vision embeddings for ``batch.media_rows``: computed on TP rank 0
+        (the vision tower runs there only) and broadcast to the other ranks."""
+        embeds = batch.media_embeds
+        if embeds is None:  # a worker rank: receive rank 0's
+            if self.ctx.tp_rank == 0:
+                raise ValueError("the batch has media rows but no media embeddings")
+            shape = (len(batch.media_rows_host), self.config.hidden_size)
+            embeds = torch.empty(shape, dtype=self.dtype, device=self.device)
+        else:
+            embeds = embeds.to(device=self.device, dtype=self.dtype).contiguous()
+        return self.ctx.broadcast_from_first(embeds)
 
     def weight_specs(self) -> dict[str, TensorSpec]:
         """Checkpoint tensor name -> what this rank reads from it."""

@@ -38,6 +38,12 @@ class ParallelContext:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """TP rank 0's ``x`` on every rank, in place (vision embeddings rank 0 computed)."""
+        if self.tp_size > 1:
+            dist.broadcast(x, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenates every rank's ``x`` along the last dim (vocab-parallel logits)."""
         if self.tp_size == 1:

@@ -60,6 +60,7 @@ class StepSender:
             context_lens=batch.context_lens_host,
             block_tables=batch.block_tables_host,
             page_size=batch.page_size,
+            media_rows=list(batch.media_rows_host),
         )
         with self._lock:
             start = time.perf_counter()

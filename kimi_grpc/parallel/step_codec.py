@@ -3,13 +3,16 @@
 Nothing here is pickled. A message is one fixed-size int64 header, then (for ``STEP`` only) one
 int64 payload whose length the header gives:
 
-    header  [8] int64  = MAGIC, VERSION, op, step_seq, B, N, P, page_size
-    payload [N + 3B + P] int64 = new token ids (N, sequence after sequence)
+    header  [9] int64  = MAGIC, VERSION, op, step_seq, B, N, P, page_size, M
+    payload [N + 3B + P + M] int64 = new token ids (N, sequence after sequence)
                                 | query_lens (B) | context_lens (B) | table_lens (B)
                                 | block-table pages (P, sequence after sequence)
+                                | media rows (M: flat tokens that take vision embeddings)
 
-``B`` sequences, ``N`` new tokens, ``P`` pages in all block tables. A receiver that reads another
-magic or version refuses the message (a worker from a different build must not run garbage).
+``B`` sequences, ``N`` new tokens, ``P`` pages in all block tables, ``M`` media rows (their
+``[M, hidden]`` embeddings follow as a tensor broadcast inside the forward, on the model's
+group). A receiver that reads another magic or version refuses the message (a worker from a
+different build must not run garbage).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from itertools import accumulate
 import torch
 
 MAGIC = 0x4B494D49  # "KIMI"
-VERSION = 1
-HEADER_LEN = 8
+VERSION = 2
+HEADER_LEN = 9
 
 
 class Op(IntEnum):
@@ -43,6 +46,7 @@ class StepMessage:
     context_lens: list[int] = field(default_factory=list)  # [B]
     block_tables: list[list[int]] = field(default_factory=list)  # [B][pages]
     page_size: int = 0
+    media_rows: list[int] = field(default_factory=list)  # [M]
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,15 @@ class Header:
     num_tokens: int  # N
     num_pages: int  # P
     page_size: int
+    num_media_rows: int  # M
 
     @property
     def payload_len(self) -> int:
-        return self.num_tokens + 3 * self.num_seqs + self.num_pages
+        return self.num_tokens + 3 * self.num_seqs + self.num_pages + self.num_media_rows
 
 
 def encode(msg: StepMessage) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(header [8] int64, payload [N + 3B + P] int64 or None)`` on the CPU."""
+    """``(header [9] int64, payload [N + 3B + P + M] int64 or None)`` on the CPU."""
     tables = msg.block_tables
     ids = [t for seq in msg.token_ids for t in seq]
     pages = [p for table in tables for p in table]
@@ -68,7 +73,10 @@ def encode(msg: StepMessage) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not len(msg.context_lens) == len(tables) == b:
         raise ValueError(f"{b} sequences but {len(msg.context_lens)} lengths, {len(tables)} tables")
     header = torch.tensor(
-        [MAGIC, VERSION, int(msg.op), msg.seq, b, len(ids), len(pages), msg.page_size],
+        [
+            *(MAGIC, VERSION, int(msg.op), msg.seq),
+            *(b, len(ids), len(pages), msg.page_size, len(msg.media_rows)),
+        ],
         dtype=torch.int64,
     )
     if msg.op is not Op.STEP:
@@ -76,7 +84,8 @@ def encode(msg: StepMessage) -> tuple[torch.Tensor, torch.Tensor | None]:
     query_lens = [len(seq) for seq in msg.token_ids]
     table_lens = [len(table) for table in tables]
     payload = torch.tensor(
-        ids + query_lens + list(msg.context_lens) + table_lens + pages, dtype=torch.int64
+        ids + query_lens + list(msg.context_lens) + table_lens + pages + list(msg.media_rows),
+        dtype=torch.int64,
     )
     return header, payload
 
@@ -95,7 +104,8 @@ def decode_header(header: torch.Tensor) -> Header:
     except ValueError:
         raise StepFormatError(f"unknown step op {values[2]}") from None
     parsed = Header(op, *values[3:])
-    if min(parsed.num_seqs, parsed.num_tokens, parsed.num_pages, parsed.page_size) < 0:
+    sizes = (parsed.num_seqs, parsed.num_tokens, parsed.num_pages, parsed.page_size)
+    if min(*sizes, parsed.num_media_rows) < 0:
         raise StepFormatError(f"negative sizes in step header {values}")
     return parsed
 
@@ -113,9 +123,12 @@ def decode(header: Header, payload: torch.Tensor | None) -> StepMessage:
     query_lens = values[n : n + b]
     context_lens = values[n + b : n + 2 * b]
     table_lens = values[n + 2 * b : n + 3 * b]
-    pages = values[n + 3 * b :]
+    pages = values[n + 3 * b : n + 3 * b + header.num_pages]
+    media_rows = values[n + 3 * b + header.num_pages :]
     if sum(query_lens) != n or sum(table_lens) != header.num_pages:
         raise StepFormatError("step payload lengths do not add up to the header's sizes")
+    if not all(0 <= row < n for row in media_rows):
+        raise StepFormatError(f"step media rows outside the step's {n} tokens")
     return StepMessage(
         Op.STEP,
         header.seq,
@@ -123,6 +136,7 @@ def decode(header: Header, payload: torch.Tensor | None) -> StepMessage:
         context_lens=context_lens,
         block_tables=_split(pages, table_lens),
         page_size=header.page_size,
+        media_rows=media_rows,
     )
 
 

@@ -91,7 +91,12 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
             break
         if msg.op is Op.STEP:
             batch = ForwardBatch.build(
-                msg.token_ids, msg.context_lens, msg.block_tables, msg.page_size, device
+                msg.token_ids,
+                msg.context_lens,
+                msg.block_tables,
+                msg.page_size,
+                device,
+                media_rows=msg.media_rows,
             )
             model(batch, cache.pools)
     destroy_groups()
