@@ -8,11 +8,17 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kimi_grpc import cli_remote
 from kimi_grpc.checkpoint import CheckpointError
 from kimi_grpc.config import ConfigError
 from kimi_grpc.swarm import command as swarm_command
+
+if TYPE_CHECKING:
+    from kimi_grpc.media import MediaLimits
+
+MIB = 1024 * 1024
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -184,9 +190,55 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--tls-key", help="PEM private key")
     srv.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds after SIGTERM")
-    srv.add_argument("--max-message-mb", type=int, default=16, help="request size limit")
+    srv.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=64,
+        help="request size limit, gRPC messages and HTTP bodies (default 64; gRPC allows up to "
+        "2047): an inline video must fit",
+    )
+    _add_media_args(srv)
     srv.add_argument("--no-reflection", action="store_true", help="disable server reflection")
     srv.add_argument("--log-level", default="INFO")
+
+
+# Media limit flags -> MediaLimits fields (unset flags keep MediaLimits' defaults, listed in
+# docs/DEPLOY.md; the parser does not import the media stack just to print them).
+MEDIA_FLAGS = (
+    ("--max-media-items", int, "max_items", "images + videos per request (default 100)"),
+    ("--max-image-mb", float, "max_image_bytes", "encoded MiB per image (default 20)"),
+    ("--max-video-mb", float, "max_video_bytes", "encoded MiB per video (default 256)"),
+    ("--max-image-pixels", int, "max_image_pixels", "decoded pixels per image (default 8192^2)"),
+    ("--max-video-seconds", float, "max_video_seconds", "duration per video (default 600)"),
+    ("--max-video-frames", int, "max_video_frames", "sampled frames per video (default 1200)"),
+    ("--max-media-tokens", int, "max_media_tokens", "media tokens per request (default 131072)"),
+)
+
+
+def _add_media_args(srv: argparse.ArgumentParser) -> None:
+    media = srv.add_argument_group("images and video (checkpoints with a vision tower)")
+    for flag, kind, _, what in MEDIA_FLAGS:
+        media.add_argument(flag, type=kind, help=what)
+    media.add_argument(
+        "--encoder-cache-tokens",
+        type=int,
+        help="vision embeddings kept for reuse, in tokens (default 16384)",
+    )
+
+
+def media_limits(args: argparse.Namespace) -> MediaLimits:
+    """The serve command's media flags as MediaLimits (a bad value: ValueError naming it)."""
+    from kimi_grpc.media import MediaLimits
+
+    values = {}
+    for flag, _, name, _ in MEDIA_FLAGS:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            values[name] = int(value * MIB) if name.endswith("_bytes") else value
+    try:
+        return MediaLimits(**values)
+    except ValueError as exc:
+        raise ValueError(f"media limits: {exc}") from None
 
 
 def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
@@ -205,7 +257,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from kimi_grpc import ops
-    from kimi_grpc.server.app import MIB, ServerConfig, ServerFailed, serve
+    from kimi_grpc.server.app import ServerConfig, ServerFailed, serve
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -217,6 +269,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "kv_cache_memory": args.kv_cache_memory,
         "max_model_len": args.max_model_len,
+        "encoder_cache_tokens": args.encoder_cache_tokens,
     }
     engine_args = {k: v for k, v in engine_args.items() if v is not None}
     if args.no_prefix_caching:
@@ -248,6 +301,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         served_model_names=tuple(args.served_model_name),
         drain_timeout=args.drain_timeout,
         max_message_bytes=args.max_message_mb * MIB,
+        media_limits=media_limits(args),
         reflection=not args.no_reflection,
         engine_args=engine_args,
         parallel=parallel,

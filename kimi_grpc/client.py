@@ -41,7 +41,7 @@ TOOL_CHOICES = {
 }
 CLIENT_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", -1),  # inline videos: the server's limit decides
 ]
 
 Message = Mapping[str, Any] | pb.ChatMessage
@@ -62,12 +62,18 @@ def sampling(params: Mapping[str, Any] | pb.SamplingParams | None) -> pb.Samplin
 
 
 def chat_message(message: Message) -> pb.ChatMessage:
+    """A pb.ChatMessage from an OpenAI-style dict. A user ``content`` list becomes ``parts``:
+    ``{"type": "text", "text"}``, ``{"type": "image" | "video", "data": bytes, "mime_type"?}``."""
     if isinstance(message, pb.ChatMessage):
         return message
     out = pb.ChatMessage(role=ROLES[message["role"]])
-    for key in ("content", "reasoning_content"):
-        if message.get(key) is not None:
-            setattr(out, key, message[key])
+    content = message.get("content")
+    if isinstance(content, list | tuple):
+        out.parts.extend(content_part(part) for part in content)
+    elif content is not None:
+        out.content = content
+    if message.get("reasoning_content") is not None:
+        out.reasoning_content = message["reasoning_content"]
     if message.get("tool_call_id"):
         out.tool_call_id = message["tool_call_id"]
     if message.get("name"):
@@ -79,6 +85,15 @@ def chat_message(message: Message) -> pb.ChatMessage:
             arguments = json.dumps(arguments, ensure_ascii=False)
         out.tool_calls.add(id=call.get("id", ""), name=fn["name"], arguments=arguments)
     return out
+
+
+def content_part(part: Mapping[str, Any]) -> pb.ContentPart:
+    if part["type"] == "text":
+        return pb.ContentPart(text=part["text"])
+    if part["type"] in ("image", "video"):
+        media = pb.MediaData(data=part["data"], mime_type=part.get("mime_type") or "")
+        return pb.ContentPart(**{part["type"]: media})
+    raise ValueError(f"content part type {part['type']!r}: expected text, image or video")
 
 
 def tool(declaration: Tool) -> pb.Tool:

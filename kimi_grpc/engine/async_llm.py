@@ -14,11 +14,12 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from kimi_grpc.engine.llm_engine import EngineStats, LLMEngine, SequenceDelta
 from kimi_grpc.guided import Constraint
+from kimi_grpc.media.request import MediaSpan
 from kimi_grpc.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class AsyncLLM:
         session_id: str | None = None,
         constraint: Constraint | None = None,
         coalesce: bool = False,
+        media: Sequence[MediaSpan] = (),
     ) -> AsyncIterator[SequenceDelta]:
         """Streams the request's deltas until all ``params.n`` completions finish. Validation
         errors are raised here, before the first delta. ``session_id``: the client session for
@@ -72,7 +74,8 @@ class AsyncLLM:
         larger messages exactly when per-message cost is what holds the consumer back; a
         consumer that keeps up still gets one delta per token). ``constraint``: guided decoding
         (see ``LLMEngine.add_request``); a request the engine fails raises
-        :class:`RequestFailedError` after its last delta."""
+        :class:`RequestFailedError` after its last delta. ``media``: the prompt's images / video
+        chunks (see ``LLMEngine.add_request``)."""
         if self.errored is not None:
             raise EngineDeadError(f"engine loop failed: {self.errored!r}")
         loop = asyncio.get_running_loop()
@@ -80,7 +83,10 @@ class AsyncLLM:
         stream = _Stream(loop, asyncio.Queue(), params.n)
         accepted = loop.create_future()
         self._commands.put(
-            ("add", request_id, prompt, params, priority, session_id, constraint, stream, accepted)
+            (
+                *("add", request_id, prompt, params, priority, session_id, constraint, media),
+                *(stream, accepted),
+            )
         )
         remaining = params.n
         try:
@@ -141,7 +147,9 @@ class AsyncLLM:
         if command[0] == "abort":
             self._dispatch(self.engine.abort_request(command[1]))
             return
-        _, request_id, prompt, params, priority, session_id, constraint, stream, accepted = command
+        _, request_id, prompt, params, priority, session_id, constraint, media, stream, accepted = (
+            command
+        )
         try:
             self.engine.add_request(
                 request_id,
@@ -150,6 +158,7 @@ class AsyncLLM:
                 priority=priority,
                 session_id=session_id,
                 constraint=constraint,
+                media=media,
             )
         except Exception as exc:  # validation / overload: the caller's error, not the engine's
             stream.loop.call_soon_threadsafe(_settle, accepted, exc)

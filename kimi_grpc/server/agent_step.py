@@ -31,9 +31,11 @@ from typing import Any
 
 import grpc
 
-from kimi_grpc.chat import ChatError, RenderedChat
+from kimi_grpc.chat import ChatError
 from kimi_grpc.guided import Constraint, GrammarError
 from kimi_grpc.guided.constraint import build_constraint
+from kimi_grpc.media import MEDIA_PAD_ID, MediaError
+from kimi_grpc.media.request import ChatPrompt, chat_prompt
 from kimi_grpc.parsers import StreamParser
 from kimi_grpc.proto import inference_pb2 as pb
 from kimi_grpc.server import convert
@@ -103,13 +105,28 @@ def thinking_switches(
     return mode or pb.MODE_THINKING, preserve, kwargs
 
 
-def _render(model: LoadedModel, prefix: str, messages: list, tools: list, **kwargs: Any):
-    """ChatRenderer.render with its ChatError fields named as request fields."""
+def _render(
+    model: LoadedModel, prefix: str, messages: list, tools: list, **kwargs: Any
+) -> ChatPrompt:
+    """The chat's prompt (media decoded, rendered, pads expanded), its errors named as request
+    fields. Blocking: run it off the event loop."""
+    vision = model.engine.model.config.vision_config
     try:
-        return model.chat.render(messages, tools=tools or None, **kwargs)
+        return chat_prompt(
+            model.chat,
+            messages,
+            model.media_config,
+            model.media_limits,
+            pad_id=vision.media_placeholder_token_id if vision else MEDIA_PAD_ID,
+            tools=tools or None,
+            **kwargs,
+        )
     except ChatError as exc:
         field = exc.field.replace("chat_template_kwargs", "chat_template_kwargs_json")
-        raise invalid(prefix + field, exc.message) from None
+        raise invalid(prefix + convert.parts_field(field), exc.message) from None
+    except MediaError as exc:
+        message = exc.message.removeprefix(f"{exc.field}: ")
+        raise invalid(prefix + convert.parts_field(exc.field or "messages"), message) from None
 
 
 class AgentStep:
@@ -176,7 +193,7 @@ class AgentStep:
             )
         return guided and (bool(self.tools) or self.response_schema is not None)
 
-    def constraint(self, rendered: RenderedChat) -> Constraint | None:
+    def constraint(self, chat: ChatPrompt) -> Constraint | None:
         """The engine constraint for this step (blocking: compiles the grammar)."""
         try:
             return build_constraint(
@@ -188,7 +205,7 @@ class AgentStep:
                 function_name=self.forced_name,
                 parallel_tool_calls=self.parallel_tool_calls,
                 response_schema=self.response_schema,
-                first_call_index=rendered.num_tool_calls,
+                first_call_index=chat.rendered.num_tool_calls,
                 thinking=self.thinking,
                 guided=self.guided,
                 tools_field="tools",
@@ -221,7 +238,7 @@ class AgentStep:
         return None
 
     @staticmethod
-    def render_chat(model: LoadedModel, chat: pb.ChatInput, field: str) -> RenderedChat:
+    def render_chat(model: LoadedModel, chat: pb.ChatInput, field: str) -> ChatPrompt:
         """Renders a ``ChatInput`` (Tokenize) with the same rules as AgentStep."""
         mode, preserve, kwargs = thinking_switches(
             chat.mode,
@@ -243,7 +260,7 @@ class AgentStep:
             template_kwargs=kwargs,
         )
 
-    def render(self) -> RenderedChat:
+    def render(self) -> ChatPrompt:
         return _render(
             self.model,
             "",
@@ -287,13 +304,13 @@ class AgentStep:
     async def run(
         self,
         request_id: str,
-        rendered: RenderedChat,
+        chat: ChatPrompt,
         call: Call,
         clock: RequestClock,
         constraint: Constraint | None = None,
     ) -> AsyncIterator[pb.AgentStepResponse]:
         llm = self.model.llm
-        first_call_index = rendered.num_tool_calls  # ids continue the conversation's count
+        first_call_index = chat.rendered.num_tool_calls  # ids continue the conversation's count
         # Token mode: a marker is structure only when it arrives as its special-token id, so a
         # tool argument quoting "<|tool_call_end|>" as text stays inside its call.
         parser = StreamParser(
@@ -302,7 +319,7 @@ class AgentStep:
             first_call_index=first_call_index,
             markers_as_tokens=True,
         )
-        prompt = rendered.token_ids
+        prompt = chat.token_ids
         generated: list[int] = []  # every completion token, forced ones included
         pending: list[int] = []  # token ids not yet attached to a sent delta
         with_logprobs = self.params.logprobs is not None
@@ -392,6 +409,7 @@ class AgentStep:
                 priority=self.request.priority,
                 session_id=self.request.session_id or None,
                 constraint=constraint,
+                media=chat.spans,
             )
             try:
                 async for delta in engine_errors(stream, {"prompt": "messages"}):
@@ -469,7 +487,9 @@ class AgentStep:
                 request_id=request_id,
                 message=message,
                 finish_reason=convert.FINISH_REASONS[finish_reason],
-                usage=convert.usage(len(prompt), len(generated), cached, reasoning_tokens),
+                usage=convert.usage(
+                    len(prompt), len(generated), cached, reasoning_tokens, chat.num_media_tokens
+                ),
                 timings=clock.timings(),
                 parse_errors=result.errors,
             )

@@ -33,6 +33,7 @@ from kimi_grpc.chat import ChatRenderer
 from kimi_grpc.engine.async_llm import AsyncLLM
 from kimi_grpc.engine.llm import load_engine
 from kimi_grpc.http.app import HttpApi, HttpServer
+from kimi_grpc.media import MediaConfig, MediaLimits
 from kimi_grpc.parallel.devices import device_alive
 from kimi_grpc.parallel.distributed import ParallelConfig
 from kimi_grpc.sampling_params import SamplingParams
@@ -68,8 +69,11 @@ class ServerConfig:
     http_port: int | None = None  # the OpenAI-compatible HTTP API (same host); None = off
     served_model_names: tuple[str, ...] = ()  # extra names the HTTP API accepts
     drain_timeout: float = 30.0  # seconds in-flight streams get after SIGTERM
-    max_message_bytes: int = 16 * MIB  # receive limit: ~3M token ids or ~16 MB of text
+    # Receive limit (gRPC messages and HTTP bodies). 64 MiB: ~12M token ids, or a ~2.5-minute
+    # 1080p H.264 clip inline (~3.5 Mbit/s); gRPC's own ceiling is 2 GiB - 1.
+    max_message_bytes: int = 64 * MIB
     reflection: bool = True
+    media_limits: MediaLimits = field(default_factory=MediaLimits)  # per-request media caps
     engine_args: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # TP layout (rank 0 here)
 
@@ -162,13 +166,18 @@ class Server:
             engine.leader.on_failure(
                 lambda message: loop.call_soon_threadsafe(self._schedule_fatal, message)
             )
-        chat = ChatRenderer.from_model_dir(engine.model_path, engine.tokenizer)
+        vision = engine.model.config.vision_config
+        placeholder = {"video_placeholder": vision.video_placeholder} if vision else {}
+        chat = ChatRenderer.from_model_dir(engine.model_path, engine.tokenizer, **placeholder)
+        media_config = MediaConfig.from_model_dir(engine.model_path) if vision else None
         llm = AsyncLLM(engine)
         # Warm-up: one real generation proves the weights, the cache and the loop work.
         async for _ in llm.generate([0], SamplingParams(max_tokens=1), request_id="warmup"):
             pass
         name = model_name(engine.model_path if cfg.model else None, cfg.model)
-        self.runtime.attach(LoadedModel(engine, llm, engine.tokenizer, chat, name))
+        limits = cfg.media_limits if vision else None
+        loaded = LoadedModel(engine, llm, engine.tokenizer, chat, name, media_config, limits)
+        self.runtime.attach(loaded)
         if cfg.metrics_port is not None:
             port = self.runtime.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
             logger.info("metrics on port %d", port)

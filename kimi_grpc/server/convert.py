@@ -8,6 +8,7 @@ AgentStep mode's), never zero.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from kimi_grpc.engine.llm_engine import SequenceDelta
@@ -100,7 +101,8 @@ def template_kwargs(text: str, field: str) -> dict[str, Any]:
 
 
 def messages(msgs: Any, field: str = "messages") -> list[dict[str, Any]]:
-    """Chat messages as OpenAI-style dicts (what the chat template reads)."""
+    """Chat messages as OpenAI-style dicts (what the chat template reads); ``parts`` become a
+    content list whose media parts carry their bytes (``kimi_grpc.media.request``)."""
     if not msgs:
         raise invalid(field, "must hold at least one message")
     if len(msgs) > MAX_MESSAGES:
@@ -113,6 +115,14 @@ def messages(msgs: Any, field: str = "messages") -> list[dict[str, Any]]:
             raise invalid(f"{where}.role", "must be SYSTEM, USER, ASSISTANT or TOOL")
         item: dict[str, Any] = {"role": role}
         item["content"] = msg.content if msg.HasField("content") else None
+        if msg.parts:
+            if role != "user":
+                raise invalid(f"{where}.parts", "are only allowed on user turns")
+            if msg.HasField("content"):
+                raise invalid(f"{where}.parts", "set content or parts, not both")
+            item["content"] = [
+                _part(part, f"{where}.parts[{j}]") for j, part in enumerate(msg.parts)
+            ]
         if msg.HasField("reasoning_content"):
             if role != "assistant":
                 raise invalid(f"{where}.reasoning_content", "is only allowed on assistant turns")
@@ -136,6 +146,22 @@ def messages(msgs: Any, field: str = "messages") -> list[dict[str, Any]]:
             item["name"] = msg.name
         out.append(item)
     return out
+
+
+def _part(part: pb.ContentPart, field: str) -> dict[str, Any]:
+    which = part.WhichOneof("part")
+    if which == "text":
+        return {"type": "text", "text": part.text}
+    if which in ("image", "video"):
+        media = getattr(part, which)
+        return {"type": which, "data": media.data, "mime_type": media.mime_type}
+    raise invalid(field, "set text, image or video")
+
+
+def parts_field(field: str) -> str:
+    """A chat-layer path (``messages[0].content[1]``) in proto names (``messages[0].parts[1]``):
+    a list content comes from ``ChatMessage.parts``."""
+    return re.sub(r"(messages\[\d+\])\.content\[", r"\1.parts[", field)
 
 
 def tools(decls: Any, field: str = "tools") -> list[dict[str, Any]]:
@@ -175,13 +201,14 @@ def response_schema(fmt: pb.ResponseFormat, field: str = "response_format") -> d
 
 
 def usage(
-    prompt: int, completion: int, cached: int, reasoning: int = 0
+    prompt: int, completion: int, cached: int, reasoning: int = 0, media: int = 0
 ) -> pb.Usage:  # counts in tokens
     return pb.Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         cached_tokens=cached,
         reasoning_tokens=reasoning,
+        media_tokens=media,
     )
 
 

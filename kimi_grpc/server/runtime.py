@@ -23,6 +23,7 @@ import grpc
 from kimi_grpc.chat import ChatRenderer
 from kimi_grpc.engine.async_llm import AsyncLLM
 from kimi_grpc.engine.llm_engine import LLMEngine
+from kimi_grpc.media import MediaConfig, MediaLimits
 from kimi_grpc.server.errors import ServiceError, overloaded, unavailable
 from kimi_grpc.server.metrics import ServerMetrics
 from kimi_grpc.tokenizer import KimiTokenizer
@@ -46,6 +47,10 @@ class LoadedModel:
     tokenizer: KimiTokenizer
     chat: ChatRenderer
     name: str
+    # Images and video: the checkpoint's media_proc_cfg and the server's limits (None: the
+    # checkpoint has no vision tower and media parts are refused).
+    media_config: MediaConfig | None = None
+    media_limits: MediaLimits | None = None
 
 
 class Runtime:

@@ -219,13 +219,13 @@ class InferenceServicer:
         model = self.runtime.ready()
         step = AgentStep(model, request, self.runtime.metrics)
         check_id("session_id", request.session_id)
-        rendered = await asyncio.to_thread(step.render)
+        chat = await asyncio.to_thread(step.render)
         if fit_context:
-            step.fit_context(len(rendered.token_ids))
-        constraint = await asyncio.to_thread(step.constraint, rendered)
+            step.fit_context(len(chat.token_ids))
+        constraint = await asyncio.to_thread(step.constraint, chat)
         async with self.runtime.admit(request_id or request.request_id, 1) as (request_id, call):
             clock = RequestClock(self.runtime.metrics)
-            async for response in step.run(request_id, rendered, call, clock, constraint):
+            async for response in step.run(request_id, chat, call, clock, constraint):
                 yield response
 
     # ---- unary RPCs -----------------------------------------------------------------------------
@@ -237,8 +237,19 @@ class InferenceServicer:
             ids = await self._encode(request.text, request.allow_special_tokens)
             return pb.TokenizeResponse(text=request.text, token_ids=ids)
         if which == "chat":
-            rendered = await asyncio.to_thread(AgentStep.render_chat, model, request.chat, "chat")
-            return pb.TokenizeResponse(text=rendered.text, token_ids=rendered.token_ids)
+            chat = await asyncio.to_thread(AgentStep.render_chat, model, request.chat, "chat")
+            media = [
+                pb.MediaTokens(
+                    message_index=item.input.message_index,
+                    part_index=item.input.part_index,
+                    num_tokens=item.num_tokens,
+                    num_chunks=len(item.chunks),
+                )
+                for item in chat.media
+            ]
+            return pb.TokenizeResponse(
+                text=chat.rendered.text, token_ids=chat.token_ids, media=media
+            )
         raise invalid("input", "set text or chat")
 
     @unary("GetModelInfo")
@@ -267,6 +278,24 @@ class InferenceServicer:
                 for mode, d in MODE_DEFAULTS.items()
             ],
             tensor_parallel_size=1,
+            vision=self._vision_info(model),
+        )
+
+    @staticmethod
+    def _vision_info(model: LoadedModel) -> pb.VisionInfo | None:
+        config, limits = model.media_config, model.media_limits
+        if config is None or limits is None:
+            return None
+        return pb.VisionInfo(
+            max_items=limits.max_items,
+            max_image_bytes=limits.max_image_bytes,
+            max_video_bytes=limits.max_video_bytes,
+            max_image_pixels=limits.max_image_pixels,
+            max_video_seconds=limits.max_video_seconds,
+            max_video_frames=limits.max_video_frames,
+            max_media_tokens=limits.max_media_tokens,
+            sample_fps=config.sample_fps,
+            frames_per_chunk=config.temporal_merge_kernel_size,
         )
 
     @unary("GetServerStatus")
