@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from kimi_grpc.checkpoint_maker import K2_TEXT_CONFIG, quantization_config
-from kimi_grpc.config import EngineConfig, parse_model_config
+from kimi_grpc.config import EngineConfig, VisionConfig, parse_model_config
 from kimi_grpc.engine.llm import LLM
 from kimi_grpc.parallel.devices import DeviceInfo, NodeDevices, query_cuda_devices
 from kimi_grpc.parallel.distributed import ParallelConfig
@@ -158,3 +159,13 @@ def test_query_reads_memory_and_peers_through_the_driver(monkeypatch, kimi):
 def test_engine_start_refuses_a_context_it_cannot_hold():
     with pytest.raises(MemoryPlanError, match="max_model_len=100,000"):
         LLM(kv_cache_memory=1024**2, max_model_len=100_000)
+
+
+def test_rank0_counts_the_vision_tower(kimi):
+    """A checkpoint with a vision tower: rank 0 runs it and holds its weights (~0.9 GB for
+    K2.6's MoonViT-3D + projector in bf16); the other ranks hold none of it."""
+    vision = dataclasses.replace(kimi, vision_config=VisionConfig())  # K2.6's tower
+    tp8 = ParallelConfig(8)
+    extra0 = rank_weight_bytes(vision, tp8, BF16, 0) - rank_weight_bytes(kimi, tp8, BF16, 0)
+    assert 0.8 * GB < extra0 < 1.0 * GB
+    assert rank_weight_bytes(vision, tp8, BF16, 1) == rank_weight_bytes(kimi, tp8, BF16, 1)

@@ -3,7 +3,9 @@
 Computed before any weight is loaded, from the checkpoint's config and the sharding:
 
 * weight bytes per rank: the model built on the ``meta`` device with this rank's
-  ``ParallelContext`` (exactly the tensors the loaders will fill, no data read);
+  ``ParallelContext`` (exactly the tensors the loaders will fill, no data read), plus on rank 0
+  the vision tower + projector of a checkpoint that has one (~0.9 GB on K2.6: rank 0 alone runs
+  it) — the plan is rank 0's, the fullest rank;
 * KV bytes per token: ``layers × (kv_lora_rank + rope_dim) × dtype bytes`` (70,272 for Kimi in
   bf16), the same on every rank (the latent cache is replicated under TP);
 * KV budget per rank: ``kv_cache_memory`` when given, else ``(free − weights) ×
@@ -80,12 +82,16 @@ class MemoryPlan:
 def rank_weight_bytes(
     config: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, rank: int = 0
 ) -> int:
-    """Parameter bytes rank ``rank`` will load (every shard is an even split: ranks are equal)."""
+    """Parameter bytes rank ``rank`` will load (every shard is an even split; rank 0 also holds
+    the vision model, when the checkpoint has one)."""
     from kimi_grpc.model import KimiForCausalLM
+    from kimi_grpc.model.vision import KimiVisionModel
 
     ctx = ParallelContext(rank, parallel.tensor_parallel_size, None, parallel.moe_parallel)
-    model = KimiForCausalLM(config, dtype=dtype, device="meta", ctx=ctx)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    models = [KimiForCausalLM(config, dtype=dtype, device="meta", ctx=ctx)]
+    if rank == 0 and config.vision_config is not None:
+        models.append(KimiVisionModel(config.vision_config, dtype=dtype, device="meta"))
+    return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
 
 def plan(
