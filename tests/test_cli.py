@@ -103,3 +103,27 @@ def test_bad_input_fails_cleanly(demo, args, message):
 def test_unknown_preset(tmp_path):
     result = run("make-checkpoint", str(tmp_path / "x"), "--preset", "huge", check=False)
     assert result.returncode == 2 and "unknown preset 'huge'" in result.stderr
+
+
+def test_serve_media_flags_map_to_media_limits():
+    """Unset media flags keep MediaLimits' defaults, which the help text states; set ones land
+    in the named field (MiB flags in bytes); a bad value is an error naming the field."""
+    import re
+
+    from kimi_grpc.cli import MEDIA_FLAGS, build_parser, media_limits
+    from kimi_grpc.media import MediaLimits
+
+    defaults = MediaLimits()
+    parser = build_parser()
+    assert media_limits(parser.parse_args(["serve"])) == defaults
+    for flag, _, name, what in MEDIA_FLAGS:
+        base, _, power = re.search(r"\(default ([0-9^]+)\)", what)[1].partition("^")
+        value = int(base) ** int(power or 1)  # "8192^2" -> 8192**2
+        if name.endswith("_bytes"):
+            value *= 1 << 20
+        assert getattr(defaults, name) == value, flag
+    args = parser.parse_args(["serve", "--max-media-items", "3", "--max-video-mb", "1.5"])
+    limits = media_limits(args)
+    assert limits.max_items == 3 and limits.max_video_bytes == 3 << 19
+    with pytest.raises(ValueError, match="max_video_seconds"):
+        media_limits(parser.parse_args(["serve", "--max-video-seconds", "-1"]))
