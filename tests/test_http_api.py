@@ -531,8 +531,8 @@ def test_completions_text_ids_and_special_tokens(
                         "role": "user",
                         "content": [
                             {
-                                "type": "image_url",
-                                "image_url": {"url": "data:image/png;base64,AAAA"},
+                                "type": "input_audio",
+                                "input_audio": {"data": "AAAA", "format": "wav"},
                             }
                         ],
                     }

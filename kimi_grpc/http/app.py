@@ -200,8 +200,8 @@ class HttpApi:
             "context_length": model.engine.max_model_len,
             "max_model_len": model.engine.max_model_len,
             "supports_reasoning": True,
-            "supports_image_in": False,
-            "supports_video_in": False,
+            "supports_image_in": model.media_config is not None,
+            "supports_video_in": model.media_config is not None,
         }
 
     async def models(self, request: Request) -> Response:

@@ -5,8 +5,12 @@ decoding, parsing and phases), so its output equals the gRPC AgentStep's for the
 Field rules follow what real clients send (docs/HTTP_API.md; openai, LangChain, the Agents SDK,
 kimi-cli, the K2 Vendor Verifier):
 
-- roles ``developer`` → system; content as a string, ``null``, ``[]`` or text parts; media parts
-  are refused (400) until the server has vision;
+- roles ``developer`` → system; content as a string, ``null``, ``[]`` or text parts (joined);
+- user messages may hold ``image_url`` / ``video_url`` parts (``{"url": ...}`` or the URL string
+  itself; ``detail`` is ignored) as base64 ``data:`` URLs only — the server fetches nothing from
+  URLs. Such a message becomes ``ChatMessage.parts``: every part in order, text parts as text,
+  media as the decoded bytes with the URL's mime type; the checks of the bytes (format, limits,
+  a model without vision) are AgentStep's;
 - assistant history may carry ``reasoning_content`` or ``reasoning`` (null = absent) and
   ``tool_calls`` whose ``arguments`` is a JSON string (an object is accepted and serialised);
 - thinking: ``thinking: {"type": "enabled"|"disabled", "keep": "all", "budget_tokens": N}``
@@ -19,6 +23,7 @@ kimi-cli, the K2 Vendor Verifier):
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 
@@ -43,7 +48,9 @@ RESPONSE_FORMATS = {
     "json_object": pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
     "json_schema": pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
 }
-MEDIA_PARTS = ("image_url", "video_url", "input_audio", "audio_url", "file")
+MEDIA_PARTS = {"image_url": "image", "video_url": "video"}  # part type -> ContentPart field
+REFUSED_PARTS = ("input_audio", "audio_url", "file")
+DATA_URL_EXAMPLES = {"image": "data:image/png;base64,...", "video": "data:video/mp4;base64,..."}
 TEXT_PARTS = ("text", "refusal")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 MAX_TOP_LOGPROBS = 20
@@ -128,9 +135,11 @@ def _message(data: object, i: int) -> pb.ChatMessage:
     if role_name not in ROLES:
         raise invalid(msg.where("role"), f"must be one of {', '.join(ROLES)}; got {role_name!r}")
     out = pb.ChatMessage(role=ROLES[role_name])
-    content = _content(msg)
-    if content is not None:
+    content = _content(msg, role_name)
+    if isinstance(content, str):
         out.content = content
+    elif content is not None:
+        out.parts.extend(content)
     if (name := msg.string("name")) is not None:
         out.name = name
     if role_name == "assistant":
@@ -147,8 +156,9 @@ def _message(data: object, i: int) -> pb.ChatMessage:
     return out
 
 
-def _content(msg: Fields) -> str | None:
-    """String content as is; a list of parts → its text parts joined; null or [] → unset."""
+def _content(msg: Fields, role: str) -> str | list[pb.ContentPart] | None:
+    """String content as is; null or [] → unset; a list of parts → its text parts joined, or every
+    part in order when it holds images or videos."""
     content = msg.any("content")
     if content is None or isinstance(content, str):
         return content
@@ -156,20 +166,63 @@ def _content(msg: Fields) -> str | None:
         raise invalid(msg.where("content"), "must be a string, null or an array of content parts")
     if not content:
         return None
-    texts = []
-    for j, part_data in enumerate(content):
-        part = Fields(part_data, f"{msg.where('content')}[{j}]")
-        kind = part.string("type", required=True)
-        if kind in MEDIA_PARTS:
-            raise invalid(
-                part.where("type"),
-                f"{kind} parts are not supported: this server takes text only (images and video "
-                "come with the multimodal release)",
-            )
-        if kind not in TEXT_PARTS:
-            raise invalid(part.where("type"), f"unknown content part type {kind!r}")
-        texts.append(part.string(kind, required=True))
-    return "".join(texts)
+    where = msg.where("content")
+    parts = [_part(Fields(part, f"{where}[{j}]"), role) for j, part in enumerate(content)]
+    if all(part.WhichOneof("part") == "text" for part in parts):
+        return "".join(part.text for part in parts)
+    return parts
+
+
+def _part(part: Fields, role: str) -> pb.ContentPart:
+    kind = part.string("type", required=True)
+    if kind in TEXT_PARTS:
+        return pb.ContentPart(text=part.string(kind, required=True))
+    if kind in REFUSED_PARTS:
+        raise invalid(
+            part.where("type"),
+            f"{kind} parts are not supported: this server takes text, images and video",
+        )
+    if kind not in MEDIA_PARTS:
+        raise invalid(part.where("type"), f"unknown content part type {kind!r}")
+    if role != "user":
+        raise invalid(part.where("type"), f"{kind} parts are only allowed in user messages")
+    media = MEDIA_PARTS[kind]
+    source = part.any(kind)
+    if isinstance(source, str):  # the URL itself, as some clients send it
+        url, where = source, part.where(kind)
+    elif isinstance(source, dict):
+        fields = Fields(source, part.where(kind))  # "detail" is accepted and ignored
+        url, where = fields.string("url", required=True), fields.where("url")
+    else:
+        raise invalid(part.where(kind), 'must be an object {"url": ...} or a URL string')
+    mime_type, data = _data_url(url, where, media)
+    return pb.ContentPart(**{media: pb.MediaData(data=data, mime_type=mime_type)})
+
+
+def _data_url(url: str, where: str, media: str) -> tuple[str, bytes]:
+    """(mime type, bytes) of a base64 ``data:`` URL (RFC 2397); the mime type may be empty."""
+    example = DATA_URL_EXAMPLES[media]
+    head, comma, payload = url.partition(",")  # the payload copied once (it may be megabytes)
+    scheme, colon, header = head.partition(":")
+    if not colon or scheme.lower() != "data":
+        raise invalid(
+            where,
+            f"the server fetches nothing from URLs; send the {media} inline as a base64 data: "
+            f"URL ({example})",
+        )
+    mime_type, *params = header.split(";")
+    if not comma or not params or params[-1].strip().lower() != "base64":
+        raise invalid(where, f"must be a base64 data: URL ({example})")
+    mime_type = mime_type.strip().lower()
+    if mime_type and not mime_type.startswith(f"{media}/"):
+        raise invalid(where, f"the mime type must be {media}/..., got {mime_type!r}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError as exc:  # binascii.Error, or a non-ASCII character
+        raise invalid(where, f"the data is not valid base64 ({exc})") from None
+    if not data:
+        raise invalid(where, f"the data: URL holds no {media} bytes")
+    return mime_type, data
 
 
 def _history_call(data: object, where: str) -> pb.ToolCall:

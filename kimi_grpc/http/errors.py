@@ -51,6 +51,7 @@ _RENAMES = (
     (re.compile(r"^thinking_budget$"), "thinking.budget_tokens"),
     (re.compile(r"^session_id$"), "prompt_cache_key"),
     (re.compile(r"^(text|token_ids\.ids|input)$"), "prompt"),
+    (re.compile(r"^messages\[(\d+)\]\.parts\["), r"messages[\1].content["),
     (re.compile(r"^messages\[(\d+)\]\.tool_calls\[(\d+)\]\.(name|arguments)$"),
      r"messages[\1].tool_calls[\2].function.\3"),
 )  # fmt: skip
