@@ -16,7 +16,9 @@ from kimi_grpc.config import ConfigError
 from kimi_grpc.swarm import command as swarm_command
 
 if TYPE_CHECKING:
+    from kimi_grpc.engine.llm import LLM
     from kimi_grpc.media import MediaLimits
+    from kimi_grpc.media.request import ChatPrompt
 
 MIB = 1024 * 1024
 
@@ -122,9 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-cache-memory", type=int, help="bytes for the latent KV cache")
     gen.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     gen.add_argument("--json", action="store_true", help="print JSON (lines when streaming)")
+    chat = gen.add_argument_group("chat (offline only)")
+    chat.add_argument(
+        "--chat",
+        action="store_true",
+        help="render --prompt as one user message through the checkpoint's chat template, "
+        "with the generation prompt",
+    )
+    cli_remote.add_media_file_args(chat, "the --chat message, before its text")
+    chat.add_argument(
+        "--mode",
+        choices=("instant", "thinking"),
+        help="the template's thinking switch for --chat (default thinking)",
+    )
 
     for name, help_text in (
-        ("chat", "interactive chat with a server (/mode instant|thinking, /reset, /exit)"),
+        (
+            "chat",
+            "interactive chat with a server (/image PATH, /video PATH, /mode instant|thinking, "
+            "/reset, /exit)",
+        ),
         ("agent", "run a tool loop against a server's AgentStep with local command tools"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -137,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-tokens", type=int)
         p.add_argument("--seed", type=int)
         p.add_argument("--hide-reasoning", action="store_true")
+        if name == "chat":
+            p.description = (
+                "Each line is a user turn, or: /image PATH and /video PATH attach a file to the "
+                "next turn; /mode instant|thinking; /reset forgets the history and queued files; "
+                "/exit. Attached files stay in the history, so every later turn sends them again "
+                "(as OpenAI-style APIs do)."
+            )
+            cli_remote.add_media_file_args(p, "the first message")
         if name == "agent":
             p.add_argument("--tools", required=True, help="JSON list of tools with commands")
             p.add_argument("--task", required=True, help="the user's request")
@@ -316,9 +343,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if not args.chat and (args.media or args.mode):
+        raise ValueError("--image, --video and --mode need --chat")
+    if args.chat and args.prompt is None:
+        raise ValueError("--chat takes --prompt text, not --prompt-ids")
     if args.target:
         if args.model:
             raise ValueError("give --model (offline) or --target (a server), not both")
+        if args.chat:
+            raise ValueError(
+                "--chat runs offline (--model); with a server use kimi-grpc chat --target "
+                "(it takes --image and --video too)"
+            )
         return cli_remote.cmd_generate(args)
     from kimi_grpc import ops
     from kimi_grpc.engine.llm import LLM
@@ -336,6 +372,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
+    parts = [cli_remote.media_part(kind, path, f"--{kind}") for kind, path in args.media]
     start = time.perf_counter()
     llm = LLM(
         args.model,
@@ -347,9 +384,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         parallel=parallel_config(args),
     )
     loaded = time.perf_counter()
-    prompt = args.prompt if args.prompt is not None else args.prompt_ids
     with llm:
-        result = llm.generate([prompt], params)[0]
+        if args.chat:
+            chat = _chat_prompt(llm, args, parts)
+            prompt, media = chat.token_ids, [chat.spans]
+        else:
+            prompt = args.prompt if args.prompt is not None else args.prompt_ids
+            media = None
+        result = llm.generate([prompt], params, media=media)[0]
         done = time.perf_counter()
     if args.json:
         record = {
@@ -372,6 +414,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _chat_prompt(llm: LLM, args: argparse.Namespace, parts: list[dict]) -> ChatPrompt:
+    """``generate --chat``: one user message (the media files in the order given, then the
+    --prompt text) rendered with the generation prompt; a refused file is named by its flag."""
+    from kimi_grpc.media import MediaError, MediaLimits
+    from kimi_grpc.media.request import chat_prompt, load_chat
+
+    vision = llm.engine.model.config.vision_config
+    renderer, config = load_chat(llm.engine.model_path, llm.tokenizer, vision)
+    limits = MediaLimits() if vision else None
+    pad = {"pad_id": vision.media_placeholder_token_id} if vision else {}
+    message = {"role": "user", "content": [*parts, {"type": "text", "text": args.prompt}]}
+    try:
+        return chat_prompt(
+            renderer, [message], config, limits, thinking=args.mode != "instant", **pad
+        )
+    except MediaError as exc:
+        flags = {
+            f"messages[0].content[{j}]": f"--{kind} {file}"
+            for j, (kind, file) in enumerate(args.media)
+        }
+        if exc.field not in flags:
+            raise
+        reason = exc.message.removeprefix(f"{exc.field}: ")
+        raise ValueError(f"{flags[exc.field]}: {reason}") from None
 
 
 COMMANDS = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mimetypes
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from kimi_grpc.proto import inference_pb2 as pb
 
 TOOL_TIMEOUT_S = 60.0
 DIM, RESET = "\033[2m", "\033[0m"
+MIB = 1024 * 1024
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +32,45 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="bearer token (or env KIMI_GRPC_API_KEY)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system roots")
     p.add_argument("--tls-ca", help="CA bundle for TLS")
+
+
+class _MediaFile(argparse.Action):
+    """``--image`` / ``--video``: appends ``(kind, path)`` to one list, so the files keep the
+    order given across both flags."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), (self.const, values)])
+
+
+def add_media_file_args(p: argparse.ArgumentParser, where: str) -> None:
+    """``--image FILE`` / ``--video FILE`` (repeatable) -> ``args.media``: ``[(kind, path)]``."""
+    for kind, article in (("image", "an"), ("video", "a")):
+        p.add_argument(
+            f"--{kind}",
+            action=_MediaFile,
+            const=kind,
+            dest="media",
+            default=[],
+            metavar="FILE",
+            help=f"attach {article} {kind} file to {where} (repeatable; images and videos keep "
+            "the order given)",
+        )
+
+
+def media_part(kind: str, path: str, source: str) -> dict[str, Any]:
+    """The content part of the image / video file at ``path``: its bytes, and the mime type its
+    extension names when that is one of ``kind``'s (else empty: the server sniffs the bytes).
+    An unreadable file: ValueError naming ``source`` (the flag or command) and the path."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{source} {path}: {exc.strerror or exc}") from None
+    mime = mimetypes.guess_type(path)[0] or ""
+    return {"type": kind, "data": data, "mime_type": mime if mime.startswith(f"{kind}/") else ""}
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / MIB:.1f} MiB" if num_bytes >= MIB else f"{num_bytes / 1024:.1f} KiB"
 
 
 def _client(args: argparse.Namespace) -> KimiClient:
@@ -135,7 +176,11 @@ def _assistant_message(final: Any) -> dict[str, Any]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Interactive chat. Lines: text = a user turn; /mode instant|thinking; /reset; /exit."""
+    """Interactive chat. Lines: text = a user turn; /image PATH, /video PATH = attach a file to
+    the next turn; /mode instant|thinking; /reset; /exit. ``--image`` / ``--video`` files go
+    with the first turn. Attached files stay in the history, so every later turn sends them
+    again (as OpenAI-style APIs do); a turn the server refuses is dropped with its files."""
+    pending = [media_part(kind, path, f"--{kind}") for kind, path in args.media]
     messages: list[dict[str, Any]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -153,6 +198,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 0
             if line == "/reset":
                 del messages[base:]
+                pending.clear()
                 continue
             if line.startswith("/mode"):
                 mode = line.split(maxsplit=1)[-1].strip()
@@ -161,9 +207,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 else:
                     print("usage: /mode instant|thinking", file=sys.stderr)
                 continue
+            command, _, path = line.partition(" ")
+            if command in ("/image", "/video"):
+                _attach(pending, command, path.strip())
+                continue
             if not line.strip():
                 continue
-            messages.append({"role": "user", "content": line})
+            content = [*pending, {"type": "text", "text": line}] if pending else line
+            pending = []
+            messages.append({"role": "user", "content": content})
             try:
                 final = _stream_turn(client, messages, args)
             except grpc.RpcError as exc:
@@ -171,6 +223,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 _rpc_error("chat", exc)
                 continue
             messages.append(_assistant_message(final))
+
+
+def _attach(pending: list[dict[str, Any]], command: str, path: str) -> None:
+    """``/image PATH`` / ``/video PATH``: queues the file for the next user turn."""
+    if not path:
+        print(f"usage: {command} PATH", file=sys.stderr)
+        return
+    try:
+        part = media_part(command.removeprefix("/"), path, command)
+    except ValueError as exc:
+        print(f"kimi-grpc chat: {exc}", file=sys.stderr)
+        return
+    pending.append(part)
+    print(
+        f"attached {part['type']} {path} ({_size(len(part['data']))}) to the next message",
+        file=sys.stderr,
+    )
 
 
 # ---- agent ------------------------------------------------------------------------------------

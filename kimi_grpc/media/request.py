@@ -16,14 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from kimi_grpc.chat import MEDIA_PART_TYPES, ChatRenderer, RenderedChat
+from kimi_grpc.config import VisionConfig
 from kimi_grpc.media.chunk import MediaKind, VisionChunk
 from kimi_grpc.media.config import MediaConfig, MediaLimits
 from kimi_grpc.media.errors import TOO_LARGE, UNSUPPORTED, MediaError
 from kimi_grpc.media.image import preprocess_image
 from kimi_grpc.media.prompt import MEDIA_PAD_ID, expand_media_pads, video_prompt
 from kimi_grpc.media.video import preprocess_video
+from kimi_grpc.tokenizer import KimiTokenizer
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,3 +193,16 @@ def chat_prompt(
         return ChatPrompt(rendered, rendered.token_ids, [], [])
     token_ids, spans = media_prompt(rendered.token_ids, media, pad_id)
     return ChatPrompt(rendered, token_ids, spans, media)
+
+
+def load_chat(
+    model_dir: str | Path, tokenizer: KimiTokenizer, vision: VisionConfig | None
+) -> tuple[ChatRenderer, MediaConfig | None]:
+    """The checkpoint's chat renderer (with its video placeholder) and, for a checkpoint with a
+    vision tower, its ``media_proc_cfg`` (None: text only, media parts are refused)."""
+    if vision is None:
+        return ChatRenderer.from_model_dir(model_dir, tokenizer), None
+    renderer = ChatRenderer.from_model_dir(
+        model_dir, tokenizer, video_placeholder=vision.video_placeholder
+    )
+    return renderer, MediaConfig.from_model_dir(model_dir)

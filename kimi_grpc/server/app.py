@@ -29,11 +29,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kimi_grpc.chat import ChatRenderer
 from kimi_grpc.engine.async_llm import AsyncLLM
 from kimi_grpc.engine.llm import load_engine
 from kimi_grpc.http.app import HttpApi, HttpServer
-from kimi_grpc.media import MediaConfig, MediaLimits
+from kimi_grpc.media import MediaLimits
+from kimi_grpc.media.request import load_chat
 from kimi_grpc.parallel.devices import device_alive
 from kimi_grpc.parallel.distributed import ParallelConfig
 from kimi_grpc.sampling_params import SamplingParams
@@ -167,9 +167,7 @@ class Server:
                 lambda message: loop.call_soon_threadsafe(self._schedule_fatal, message)
             )
         vision = engine.model.config.vision_config
-        placeholder = {"video_placeholder": vision.video_placeholder} if vision else {}
-        chat = ChatRenderer.from_model_dir(engine.model_path, engine.tokenizer, **placeholder)
-        media_config = MediaConfig.from_model_dir(engine.model_path) if vision else None
+        chat, media_config = load_chat(engine.model_path, engine.tokenizer, vision)
         llm = AsyncLLM(engine)
         # Warm-up: one real generation proves the weights, the cache and the loop work.
         async for _ in llm.generate([0], SamplingParams(max_tokens=1), request_id="warmup"):
