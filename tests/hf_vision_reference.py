@@ -34,12 +34,18 @@ text_config.hidden_size; media_placeholder_token_id -> image_token_id.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import DeepseekV3Config, Kimi_K25Config, Kimi_K25ForConditionalGeneration
+from transformers import (
+    CompressedTensorsConfig,
+    DeepseekV3Config,
+    Kimi_K25Config,
+    Kimi_K25ForConditionalGeneration,
+)
 from transformers.models.kimi_k25 import Kimi_K25VisionConfig
 from transformers.utils import logging as hf_logging
 
@@ -120,6 +126,53 @@ def build_hf_vision(
         model, info = Kimi_K25ForConditionalGeneration.from_pretrained(
             out_dir, dtype=dtype, output_loading_info=True
         )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.eval(), info
+
+
+def build_hf_model(
+    checkpoint: Path, out_dir: Path, *, dtype: torch.dtype = torch.float32
+) -> tuple[Kimi_K25ForConditionalGeneration, dict]:
+    """The *whole* checkpoint (language model included) as transformers loads it: its own
+    config for the vision part (:func:`hf_config`) with the checkpoint's ``text_config`` as
+    Moonshot ships it (``model_type`` kimi_k2, flat yarn ``rope_scaling``, the compressed-tensors
+    ``quantization_config``), and every tensor unconverted, in Moonshot's names, loaded with
+    ``from_pretrained`` (its ``kimi_k25`` conversion, experts fused) and the INT4 experts
+    dequantized by transformers' compressed-tensors integration (``dequantize=True``).
+
+    One change to the tensors: the INT4 ``weight_scale`` tensors are written as float32 (bf16 ->
+    float32 is exact). transformers' dequantize op decompresses in the scale's dtype, so with
+    the shipped bf16 scales it leaves the experts in bfloat16, each ``q * scale`` rounded
+    (~2e-3 relative); with float32 scales they are the exact ``q * scale``, which is what a
+    float32 model of this checkpoint is."""
+    v = load_model_config(checkpoint).vision_config
+    assert v is not None, f"{checkpoint} has no vision_config"
+    raw = json.loads((checkpoint / "config.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = hf_config(v).to_dict()
+    config["text_config"] = raw["text_config"]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for file_name in sorted(set(weight_map.values())):
+        with safe_open(checkpoint / file_name, "pt") as shard:
+            for name in shard.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensor = shard.get_tensor(name)
+                tensors[name] = tensor.float() if name.endswith(".weight_scale") else tensor
+    assert set(tensors) == set(weight_map)
+    save_file(tensors, str(out_dir / "model.safetensors"), {"format": "pt"})
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():  # "the quantization_config from the model will be used"
+            warnings.simplefilter("ignore", UserWarning)
+            model, info = Kimi_K25ForConditionalGeneration.from_pretrained(
+                out_dir,
+                dtype=dtype,
+                output_loading_info=True,
+                quantization_config=CompressedTensorsConfig(dequantize=True),
+            )
     finally:
         hf_logging.set_verbosity(verbosity)
     return model.eval(), info
