@@ -302,6 +302,12 @@ class LLMEngine:
             if any(prompt_ids[p] != pad for p in range(span.offset, span.end)):
                 raise RequestError("media", f"media span {i} does not cover media pad tokens")
             end = span.end
+        pads = prompt_ids.count(pad)
+        covered = sum(span.chunk.num_tokens for span in media)
+        if pads != covered:
+            raise RequestError(
+                "media", f"the prompt has {pads} media pad tokens but the spans cover {covered}"
+            )
 
     def abort_request(self, request_id: str) -> list[SequenceDelta]:
         """Finishes every unfinished sequence of the request now (pages freed at once)."""

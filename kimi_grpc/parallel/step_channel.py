@@ -10,6 +10,7 @@ lost remote rank.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -79,16 +80,7 @@ class StepSender:
                 logger.warning("could not send SHUTDOWN to the workers: %s", exc)
 
     def _send(self, message: StepMessage) -> None:
-        header, payload = encode(
-            StepMessage(
-                message.op,
-                self._seq,
-                message.token_ids,
-                message.context_lens,
-                message.block_tables,
-                message.page_size,
-            )
-        )
+        header, payload = encode(dataclasses.replace(message, seq=self._seq))
         self._seq += 1
         dist.broadcast(header, src=0, group=self.group)
         if payload is not None:
