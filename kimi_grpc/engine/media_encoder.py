@@ -18,6 +18,7 @@ equals a token): the same image again hits, a different one never does.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class MediaEncoder:
         self.vision = vision
         self.cache = EncoderCache(cache_tokens)
         self.encoded_chunks = 0  # encoder forwards' chunks (cache misses actually encoded)
+        self.encode_seconds = 0.0  # wall time in the encoder (pixel values + tower + projector)
 
     def step_embeddings(
         self, ranges: Sequence[tuple[Sequence[MediaSpan], int, int]]
@@ -158,6 +160,7 @@ class MediaEncoder:
         return found
 
     def _encode(self, chunks: list[VisionChunk], out: dict[bytes, torch.Tensor]) -> None:
+        start = time.perf_counter()
         pixel_values, grid_thw = pack_pixel_values(chunks)
         outputs = self.vision(pixel_values, grid_thw)
         if len(outputs) > 1:  # views of one tensor: own copies, so eviction frees the memory
@@ -171,3 +174,4 @@ class MediaEncoder:
             out[chunk.content_hash] = embeds
             self.cache.put(chunk.content_hash, embeds)
         self.encoded_chunks += len(chunks)
+        self.encode_seconds += time.perf_counter() - start
