@@ -263,6 +263,8 @@ def _content(
         if not isinstance(part, Mapping):
             raise ChatError(where, "must be an object")
         kind = part.get("type")
+        if not isinstance(kind, str):
+            raise ChatError(f"{where}.type", f"must be a string, got {kind!r}")
         if kind == "text":
             text = part.get("text")
             if not isinstance(text, str):

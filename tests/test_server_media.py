@@ -258,3 +258,17 @@ def test_text_only_checkpoint_refuses_media() -> None:
             assert "no vision tower" in info.value.details()
     finally:
         srv.terminate()
+
+
+def test_content_parts_are_capped_per_request() -> None:
+    """Parts are counted before they are converted (a message of millions of empty parts
+    would otherwise hold the event loop)."""
+    from kimi_grpc.server import convert
+    from kimi_grpc.server.errors import ServiceError
+
+    many = pb.ChatMessage(role=pb.ROLE_USER, parts=[pb.ContentPart(text="")] * 3000)
+    assert len(convert.messages([many])[0]["content"]) == 3000
+    with pytest.raises(ServiceError) as info:
+        convert.messages([many, many])
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.field == "messages" and str(convert.MAX_PARTS) in info.value.message

@@ -302,7 +302,10 @@ class LLMEngine:
             if any(prompt_ids[p] != pad for p in range(span.offset, span.end)):
                 raise RequestError("media", f"media span {i} does not cover media pad tokens")
             end = span.end
-        pads = prompt_ids.count(pad)
+        # Up to the last span, every pad must be a span's (one left out would keep a text
+        # embedding). After it, a pad is an ordinary token: a multi-phase AgentStep re-runs
+        # prompt + generated, and the model may have sampled the pad id.
+        pads = prompt_ids[:end].count(pad)
         covered = sum(span.chunk.num_tokens for span in media)
         if pads != covered:
             raise RequestError(

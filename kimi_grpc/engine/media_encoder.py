@@ -6,8 +6,11 @@ positions ``[offset, offset + c.num_tokens)``, all ``<|media_pad|>``. A step com
 ``[start, start + n)`` of each scheduled sequence (a prefill chunk may cut a span anywhere, a
 prefix-cache hit may end inside one, a preempted sequence recomputes from 0); for every span
 that range touches, :meth:`MediaEncoder.step_embeddings` takes that chunk's embeddings from the
-:class:`EncoderCache` (keyed by the chunk's content hash) or encodes it once, and hands the model
-the rows for exactly the positions in range.
+sequence's own hold (a span it is part-way through), the :class:`EncoderCache` (keyed by the
+chunk's content hash) or encodes it, and hands the model the rows for exactly the positions in
+range. The hold keeps a chunk a sequence stopped inside until the sequence passes its end, so a
+chunk is encoded once per request even when the cache cannot keep it (capacity, eviction by
+other requests); a sequence holds at most one chunk (a step's range is contiguous).
 
 Prefix caching: page hashes are computed over token ids, and every media position holds the
 same pad id, so two different images behind the same text would share KV. :func:`cache_keys`
@@ -87,6 +90,11 @@ class EncoderCache:
         self.tokens += value.shape[0]
 
 
+# One sequence's chunk in progress (content hash -> embeddings), kept on the sequence.
+Hold = dict[bytes, torch.Tensor]
+StepRange = tuple[Sequence[MediaSpan], int, int, Hold]  # (spans, start, n, hold)
+
+
 @dataclass
 class StepMedia:
     """What one step splices into the embedded tokens: ``embeds[i]`` replaces the embedding of
@@ -106,41 +114,51 @@ class MediaEncoder:
         self.encoded_chunks = 0  # encoder forwards' chunks (cache misses actually encoded)
         self.encode_seconds = 0.0  # wall time in the encoder (pixel values + tower + projector)
 
-    def step_embeddings(
-        self, ranges: Sequence[tuple[Sequence[MediaSpan], int, int]]
-    ) -> StepMedia | None:
-        """``ranges[b] = (spans, start, n)``: sequence b computes prompt positions ``[start,
-        start + n)``, laid out one after the other in the flat batch. None when no position in
-        range is a media position."""
-        pieces: list[tuple[int, VisionChunk, int, int]] = []  # (flat row, chunk, from, to)
+    def step_embeddings(self, ranges: Sequence[StepRange]) -> StepMedia | None:
+        """``ranges[b] = (spans, start, n, hold)``: sequence b computes prompt positions
+        ``[start, start + n)``, laid out one after the other in the flat batch; ``hold`` is its
+        own dict of the chunk it is part-way through. None when no position in range is a media
+        position."""
+        pieces: list[tuple[int, VisionChunk, int, int, Hold]] = []  # (row, chunk, from, to, hold)
         base = 0
-        for spans, start, n in ranges:
+        for spans, start, n, hold in ranges:
             end = start + n
-            for span in spans:
-                if span.end <= start:
-                    continue
-                if span.offset >= end:
-                    break
-                lo, hi = max(span.offset, start), min(span.end, end)
-                pieces.append((base + lo - start, span.chunk, lo - span.offset, hi - span.offset))
+            if spans and start < spans[-1].end:  # decodes past the media: nothing to look at
+                for span in spans:
+                    if span.end <= start:
+                        continue
+                    if span.offset >= end:
+                        break
+                    lo, hi = max(span.offset, start), min(span.end, end)
+                    row = base + lo - start
+                    pieces.append((row, span.chunk, lo - span.offset, hi - span.offset, hold))
             base += n
         if not pieces:
             return None
-        embeddings = self._embeddings([chunk for _, chunk, _, _ in pieces])
+        embeddings = self._embeddings([(chunk, hold) for _, chunk, _, _, hold in pieces])
         rows: list[int] = []
         parts: list[torch.Tensor] = []
-        for row, chunk, lo, hi in pieces:
+        for row, chunk, lo, hi, hold in pieces:
+            key = chunk.content_hash
             rows.extend(range(row, row + hi - lo))
-            parts.append(embeddings[chunk.content_hash][lo:hi])
+            parts.append(embeddings[key][lo:hi])
+            if hi < chunk.num_tokens:  # stopped inside the chunk: keep it for the next step
+                hold.clear()
+                hold[key] = embeddings[key]
+            else:
+                hold.pop(key, None)
         return StepMedia(rows, torch.cat(parts))
 
-    def _embeddings(self, chunks: list[VisionChunk]) -> dict[bytes, torch.Tensor]:
-        """Every chunk's embeddings: cached, or encoded now (each distinct chunk once)."""
+    def _embeddings(self, chunks: list[tuple[VisionChunk, Hold]]) -> dict[bytes, torch.Tensor]:
+        """Every chunk's embeddings: held, cached, or encoded now (each distinct chunk once)."""
         found: dict[bytes, torch.Tensor] = {}
         missing: dict[bytes, VisionChunk] = {}
-        for chunk in chunks:
+        for chunk, hold in chunks:
             key = chunk.content_hash
             if key in found or key in missing:
+                continue
+            if key in hold:
+                found[key] = hold[key]
                 continue
             cached = self.cache.get(key)
             if cached is None:

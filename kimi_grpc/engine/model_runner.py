@@ -33,7 +33,9 @@ class ModelRunner:
             tables.append(seq.table.pages)
         step_media = None
         if self.media is not None and any(seq.media for seq, _ in scheduled):
-            ranges = [(seq.media, seq.num_computed_tokens, n) for seq, n in scheduled]
+            ranges = [
+                (seq.media, seq.num_computed_tokens, n, seq.media_hold) for seq, n in scheduled
+            ]
             step_media = self.media.step_embeddings(ranges)
         batch = ForwardBatch.build(
             new_tokens,

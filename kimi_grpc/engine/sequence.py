@@ -12,10 +12,10 @@ session-fair admission; see :attr:`Sequence.fairness_key` and the scheduler.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kimi_grpc.engine.block_manager import PageTable
-from kimi_grpc.engine.media_encoder import cache_keys
+from kimi_grpc.engine.media_encoder import Hold, cache_keys
 from kimi_grpc.engine.sampler import SamplingState
 from kimi_grpc.engine.stop_checker import StopChecker
 from kimi_grpc.media.request import MediaSpan
@@ -62,6 +62,9 @@ class Sequence:
     # The prompt as the prefix cache keys it: token ids, media positions replaced by their
     # content keys (see media_encoder.cache_keys); the prompt list itself without media.
     prompt_cache_keys: list[int] | None = None
+    # The media chunk this sequence's prefill stopped inside (content hash -> embeddings): kept
+    # until the sequence passes the chunk's end (see media_encoder), freed with the sequence.
+    media_hold: Hold = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.prompt_cache_keys is None:

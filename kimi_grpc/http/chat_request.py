@@ -50,6 +50,7 @@ RESPONSE_FORMATS = {
 }
 MEDIA_PARTS = {"image_url": "image", "video_url": "video"}  # part type -> ContentPart field
 REFUSED_PARTS = ("input_audio", "audio_url", "file")
+_BASE64_WHITESPACE = str.maketrans("", "", " \t\r\n")
 DATA_URL_EXAMPLES = {"image": "data:image/png;base64,...", "video": "data:video/mp4;base64,..."}
 TEXT_PARTS = ("text", "refusal")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
@@ -216,8 +217,8 @@ def _data_url(url: str, where: str, media: str) -> tuple[str, bytes]:
     mime_type = mime_type.strip().lower()
     if mime_type and not mime_type.startswith(f"{media}/"):
         raise invalid(where, f"the mime type must be {media}/..., got {mime_type!r}")
-    try:
-        data = base64.b64decode(payload, validate=True)
+    try:  # strict base64, but line breaks and spaces (wrapped encoders) are skipped
+        data = base64.b64decode(payload.translate(_BASE64_WHITESPACE), validate=True)
     except ValueError as exc:  # binascii.Error, or a non-ASCII character
         raise invalid(where, f"the data is not valid base64 ({exc})") from None
     if not data:

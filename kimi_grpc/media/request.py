@@ -15,16 +15,16 @@ refusal is a :class:`MediaError` whose ``field`` names the part (``messages[0].c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kimi_grpc.chat import MEDIA_PART_TYPES, ChatRenderer, RenderedChat
-from kimi_grpc.config import VisionConfig
+from kimi_grpc.config import ConfigError, VisionConfig
 from kimi_grpc.media.chunk import MediaKind, VisionChunk
-from kimi_grpc.media.config import MediaConfig, MediaLimits
+from kimi_grpc.media.config import PREPROCESSOR_CONFIG, MediaConfig, MediaLimits
 from kimi_grpc.media.errors import TOO_LARGE, UNSUPPORTED, MediaError
 from kimi_grpc.media.image import preprocess_image
-from kimi_grpc.media.prompt import MEDIA_PAD_ID, expand_media_pads, video_prompt
+from kimi_grpc.media.prompt import MEDIA_PAD, MEDIA_PAD_ID, expand_media_pads, video_prompt
 from kimi_grpc.media.video import preprocess_video
 from kimi_grpc.tokenizer import KimiTokenizer
 
@@ -75,14 +75,15 @@ def media_inputs(messages: Sequence[Mapping], field: str = "messages") -> list[M
         if not isinstance(content, list | tuple):
             continue
         for j, part in enumerate(content):
-            kind = MEDIA_PART_TYPES.get(part.get("type")) if isinstance(part, Mapping) else None
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            kind = MEDIA_PART_TYPES.get(kind) if isinstance(kind, str) else None
             if kind is None:
                 continue
             where = f"{field}[{i}].content[{j}]"
             data, mime = part.get("data"), part.get("mime_type") or ""
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise MediaError(f"{where}: the {kind} has no data bytes", field=where)
-            if not isinstance(mime, str) or (mime and not mime.startswith(f"{kind}/")):
+            if not isinstance(mime, str) or (mime and not mime.lower().startswith(f"{kind}/")):
                 raise MediaError(
                     f"{where}: mime type {mime!r} is not an {kind} type ({kind}/...)",
                     reason=UNSUPPORTED,
@@ -126,7 +127,8 @@ def preprocess_media(
             raise MediaError(
                 f"{item.field}: {exc.message}", reason=exc.reason, field=item.field
             ) from None
-        media = PreparedMedia(item, chunks)
+        # The encoded bytes are not needed past this point (the chunks hold the pixels).
+        media = PreparedMedia(replace(item, data=b""), chunks)
         left -= media.num_tokens
         prepared.append(media)
     return prepared
@@ -187,6 +189,9 @@ def chat_prompt(
             reason=UNSUPPORTED,
             field=inputs[0].field,
         )
+    if inputs:  # the messages' own errors first, before seconds of decoding (a cheap render)
+        videos = sum(1 for item in inputs if item.kind == "video")
+        renderer.render(messages, video_prompts=[""] * videos, **render_kwargs)
     media = preprocess_media(inputs, config, limits) if inputs else []
     rendered = renderer.render(messages, video_prompts=video_prompts(media), **render_kwargs)
     if not media:
@@ -205,4 +210,38 @@ def load_chat(
     renderer = ChatRenderer.from_model_dir(
         model_dir, tokenizer, video_placeholder=vision.video_placeholder
     )
-    return renderer, MediaConfig.from_model_dir(model_dir)
+    config = MediaConfig.from_model_dir(model_dir)
+    check_media_settings(config, vision, tokenizer)
+    return renderer, config
+
+
+def check_media_settings(
+    config: MediaConfig, vision: VisionConfig, tokenizer: KimiTokenizer
+) -> None:
+    """Refuses (ConfigError, at start-up) a ``media_proc_cfg`` whose chunks the vision tower
+    could not encode, or a tokenizer whose ``<|media_pad|>`` is not the config's placeholder:
+    found on the first image instead, either would fail every media request."""
+    kernel = vision.merge_kernel_size
+    problems = []
+    if config.patch_size != vision.patch_size:
+        problems.append(f"patch_size {config.patch_size} != vision_config's {vision.patch_size}")
+    if (config.merge_kernel_size, config.merge_kernel_size) != tuple(kernel):
+        problems.append(f"merge_kernel_size {config.merge_kernel_size} != vision_config's {kernel}")
+    if config.temporal_merge_kernel_size > vision.init_pos_emb_time:
+        problems.append(
+            f"temporal_merge_kernel_size {config.temporal_merge_kernel_size} > vision_config's "
+            f"init_pos_emb_time {vision.init_pos_emb_time}"
+        )
+    side = min(vision.rope_max_height, vision.rope_max_width)
+    if config.patch_limit_on_one_side > side:
+        problems.append(
+            f"patch_limit_on_one_side {config.patch_limit_on_one_side} > the 2D RoPE table {side}"
+        )
+    pad = tokenizer.special_tokens.get(MEDIA_PAD)
+    if pad != vision.media_placeholder_token_id:
+        problems.append(
+            f"the tokenizer's {MEDIA_PAD} is {pad}, config.json's media_placeholder_token_id "
+            f"{vision.media_placeholder_token_id}"
+        )
+    if problems:
+        raise ConfigError(f"{PREPROCESSOR_CONFIG} / config.json disagree: " + "; ".join(problems))

@@ -148,6 +148,7 @@ class AgentStep:
         if mode == pb.MODE_AGENT and not self.tools:
             raise invalid("tools", "AGENT mode needs at least one declared tool")
         self.messages = convert.messages(request.messages)
+        self.has_media = any(m.parts for m in request.messages)
         self.forced_name = self._tool_choice()
         budget = request.thinking_budget if request.HasField("thinking_budget") else None
         if budget is not None and budget < 0:
@@ -261,10 +262,13 @@ class AgentStep:
         )
 
     def render(self) -> ChatPrompt:
+        """The step's prompt (blocking: media are decoded here). Called once: the messages
+        (with any media bytes) are let go afterwards."""
+        messages, self.messages = self.messages, []
         return _render(
             self.model,
             "",
-            self.messages,
+            messages,
             self.tools,
             thinking=self.thinking,
             preserve_thinking=self.preserve_thinking,
@@ -412,7 +416,9 @@ class AgentStep:
                 media=chat.spans,
             )
             try:
-                async for delta in engine_errors(stream, {"prompt": "messages"}):
+                async for delta in engine_errors(
+                    stream, {"prompt": "messages", "media": "messages"}
+                ):
                     if not admitted:
                         admitted, cached = True, delta.num_cached_tokens
                         clock.admitted(delta)

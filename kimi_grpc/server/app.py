@@ -18,6 +18,7 @@ Lifecycle and what health reports (``grpc.health.v1``, service "" and "kimi.v1.I
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -173,7 +174,7 @@ class Server:
         async for _ in llm.generate([0], SamplingParams(max_tokens=1), request_id="warmup"):
             pass
         name = model_name(engine.model_path if cfg.model else None, cfg.model)
-        limits = cfg.media_limits if vision else None
+        limits = _reachable(cfg.media_limits, cfg.max_message_bytes) if vision else None
         loaded = LoadedModel(engine, llm, engine.tokenizer, chat, name, media_config, limits)
         self.runtime.attach(loaded)
         if cfg.metrics_port is not None:
@@ -244,9 +245,26 @@ class Server:
         await self._stopped.wait()
         if self.failure is not None:
             raise ServerFailed(self.failure)
+        self.runtime.media_pool.shutdown(wait=False, cancel_futures=True)
         if self.runtime.model is not None:
             await asyncio.to_thread(self.runtime.model.llm.shutdown)
             await asyncio.to_thread(self.runtime.model.engine.shutdown)
+
+
+def _reachable(limits: MediaLimits, max_message_bytes: int) -> MediaLimits:
+    """The media byte limits no larger than a request can be (what GetModelInfo reports)."""
+    cap = {
+        name: max_message_bytes
+        for name in ("max_image_bytes", "max_video_bytes")
+        if getattr(limits, name) > max_message_bytes
+    }
+    if cap:
+        logger.info(
+            "media byte limits capped at the %d MiB request limit (--max-message-mb): %s",
+            max_message_bytes // MIB,
+            ", ".join(cap),
+        )
+    return dataclasses.replace(limits, **cap)
 
 
 def _hard_exit(message: str) -> None:

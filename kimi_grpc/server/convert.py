@@ -18,6 +18,7 @@ from kimi_grpc.server.errors import invalid
 
 MAX_MESSAGES = 4096
 MAX_TOOLS = 512
+MAX_PARTS = 4096  # content parts in all messages of a request (media items have their own limit)
 
 # proto field -> SamplingParams argument, for the optional scalars copied when set.
 _OPTIONAL_SAMPLING = (
@@ -107,6 +108,9 @@ def messages(msgs: Any, field: str = "messages") -> list[dict[str, Any]]:
         raise invalid(field, "must hold at least one message")
     if len(msgs) > MAX_MESSAGES:
         raise invalid(field, f"holds {len(msgs)} messages; the limit is {MAX_MESSAGES}")
+    total_parts = sum(len(msg.parts) for msg in msgs)
+    if total_parts > MAX_PARTS:
+        raise invalid(field, f"hold {total_parts} content parts; the limit is {MAX_PARTS}")
     out = []
     for i, msg in enumerate(msgs):
         where = f"{field}[{i}]"

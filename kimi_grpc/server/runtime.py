@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -28,7 +30,12 @@ from kimi_grpc.server.errors import ServiceError, overloaded, unavailable
 from kimi_grpc.server.metrics import ServerMetrics
 from kimi_grpc.tokenizer import KimiTokenizer
 
+T = TypeVar("T")
 MAX_REQUEST_ID_CHARS = 256
+# Requests whose media are being decoded at once (the rest queue). Each decode already uses
+# FFmpeg's threads (one per core) for video, so a few in parallel saturate the host; a separate
+# pool keeps text requests' rendering from queueing behind multi-second video decodes.
+MEDIA_WORKERS = 4
 
 
 @dataclass
@@ -62,6 +69,14 @@ class Runtime:
         self.inflight_seqs = 0
         self.inflight: dict[str, Call] = {}
         self.metrics: ServerMetrics | None = None
+        self.media_pool = ThreadPoolExecutor(MEDIA_WORKERS, thread_name_prefix="kimi-media")
+
+    async def run_blocking(self, fn: Callable[[], T], media: bool) -> T:
+        """``fn()`` off the event loop: in the media pool when the request carries images or
+        video, else in the default pool."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.media_pool if media else None, fn
+        )
 
     @property
     def max_inflight_seqs(self) -> int:

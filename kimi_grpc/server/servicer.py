@@ -219,12 +219,14 @@ class InferenceServicer:
         model = self.runtime.ready()
         step = AgentStep(model, request, self.runtime.metrics)
         check_id("session_id", request.session_id)
-        chat = await asyncio.to_thread(step.render)
-        if fit_context:
-            step.fit_context(len(chat.token_ids))
-        constraint = await asyncio.to_thread(step.constraint, chat)
+        # Admitted first: decoding media takes seconds and memory, so a full server refuses
+        # before it, drain waits for it, and an abort or cancel stops the call during it.
         async with self.runtime.admit(request_id or request.request_id, 1) as (request_id, call):
-            clock = RequestClock(self.runtime.metrics)
+            clock = RequestClock(self.runtime.metrics)  # TTFT includes media preprocessing
+            chat = await self.runtime.run_blocking(step.render, step.has_media)
+            if fit_context:
+                step.fit_context(len(chat.token_ids))
+            constraint = await asyncio.to_thread(step.constraint, chat)
             async for response in step.run(request_id, chat, call, clock, constraint):
                 yield response
 
@@ -237,7 +239,10 @@ class InferenceServicer:
             ids = await self._encode(request.text, request.allow_special_tokens)
             return pb.TokenizeResponse(text=request.text, token_ids=ids)
         if which == "chat":
-            chat = await asyncio.to_thread(AgentStep.render_chat, model, request.chat, "chat")
+            media = any(m.parts for m in request.chat.messages)
+            chat = await self.runtime.run_blocking(
+                lambda: AgentStep.render_chat(model, request.chat, "chat"), media
+            )
             media = [
                 pb.MediaTokens(
                     message_index=item.input.message_index,
