@@ -448,8 +448,29 @@ def run_encoder(repeat: int, big_repeat: int, quick: bool) -> list[dict[str, Any
 
 
 # ---- output --------------------------------------------------------------------------------------
-def ttft_engine(cache: bool) -> tuple[Any, Any, Any]:
-    """(engine, renderer, media config) on demo-vl; ``cache`` False: no prefix / encoder cache."""
+BROADCAST_S = [0.0]  # rank 0's time in the vision-embedding broadcast (tensor parallelism)
+
+
+def _timed_broadcast() -> None:
+    """Counts rank 0's seconds in ``ParallelContext.broadcast_from_first`` (the embeddings it
+    sends the other ranks; its wait for them to arrive is part of it)."""
+    from kimi_grpc.parallel.state import ParallelContext
+
+    send = ParallelContext.broadcast_from_first
+
+    def timed(self: ParallelContext, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return send(self, x)
+        finally:
+            BROADCAST_S[0] += time.perf_counter() - start
+
+    ParallelContext.broadcast_from_first = timed
+
+
+def ttft_engine(cache: bool, tp: int = 1) -> tuple[Any, Any, Any]:
+    """(engine, renderer, media config) on demo-vl; ``cache`` False: no prefix / encoder cache;
+    ``tp``: tensor-parallel ranks (gloo)."""
     from kimi_grpc.chat import ChatRenderer
     from kimi_grpc.checkpoint_maker import demo_checkpoint
     from kimi_grpc.engine.llm import load_engine
@@ -462,6 +483,7 @@ def ttft_engine(cache: bool) -> tuple[Any, Any, Any]:
         kv_cache_memory=256 * MiB,
         enable_prefix_caching=cache,
         encoder_cache_tokens=16_384 if cache else 0,
+        tensor_parallel_size=tp,
     )
     return engine, ChatRenderer.from_model_dir(path, engine.tokenizer), MediaConfig()
 
@@ -482,6 +504,7 @@ def first_token_s(engine: Any, renderer: Any, config: Any, image: bytes | None, 
     prepared = time.perf_counter()
     request_id = f"ttft-{n}"
     encoder_before = engine.media_encoder.encode_seconds
+    broadcast_before = BROADCAST_S[0]
     engine.add_request(
         request_id, prompt.token_ids, SamplingParams(max_tokens=1), media=prompt.spans
     )
@@ -493,6 +516,7 @@ def first_token_s(engine: Any, renderer: Any, config: Any, image: bytes | None, 
         "total": end - start,
         "preprocess": prepared - start,
         "encoder": engine.media_encoder.encode_seconds - encoder_before,
+        "broadcast": BROADCAST_S[0] - broadcast_before,
         "tokens": len(prompt.token_ids),
     }
 
@@ -500,8 +524,9 @@ def first_token_s(engine: Any, renderer: Any, config: Any, image: bytes | None, 
 def run_ttft(cache_dir: Path, runs: int) -> list[dict[str, Any]]:
     image = make_image(cache_dir, "JPEG").read_bytes()
     rows = []
-    for variant, cache in (("cold", False), ("again", True)):
-        engine, renderer, config = ttft_engine(cache)
+    _timed_broadcast()
+    for variant, cache, tp in (("cold", False, 1), ("again", True, 1), ("cold TP=2", False, 2)):
+        engine, renderer, config = ttft_engine(cache, tp)
         first_token_s(engine, renderer, config, image, -1)  # warm-up (fills the caches: again)
         first_token_s(engine, renderer, config, None, -2)
         samples: dict[str, list[dict]] = {"image": [], "text": []}
@@ -515,7 +540,7 @@ def run_ttft(cache_dir: Path, runs: int) -> list[dict[str, Any]]:
         for kind, values in samples.items():
             row[kind] = {
                 key: median([v[key] for v in values])
-                for key in ("total", "preprocess", "encoder", "tokens")
+                for key in ("total", "preprocess", "encoder", "broadcast", "tokens")
             }
         row["ratio"] = row["image"]["total"] / row["text"]["total"]
         rows.append(row)
@@ -596,16 +621,17 @@ def print_table(result: dict[str, Any]) -> None:
             "1080p JPEG + text vs the text alone; median ms over the runs"
         )
         print(
-            f"{'variant':<8}{'runs':>5}{'tokens img/txt':>16}{'TTFT image ms':>15}"
-            f"{'preprocess':>12}{'encoder':>9}{'TTFT text ms':>14}{'image / text':>14}"
+            f"{'variant':<10}{'runs':>5}{'tokens img/txt':>16}{'TTFT image ms':>15}"
+            f"{'preprocess':>12}{'encoder':>9}{'broadcast':>11}{'TTFT text ms':>14}"
+            f"{'image / text':>14}"
         )
         for r in ttft:
             img, txt = r["image"], r["text"]
             tokens = f"{img['tokens']:.0f}/{txt['tokens']:.0f}"
             print(
-                f"{r['variant']:<8}{r['runs']:>5}{tokens:>16}"
+                f"{r['variant']:<10}{r['runs']:>5}{tokens:>16}"
                 f"{img['total'] * 1e3:>15.1f}{img['preprocess'] * 1e3:>12.1f}"
-                f"{img['encoder'] * 1e3:>9.1f}"
+                f"{img['encoder'] * 1e3:>9.1f}{img['broadcast'] * 1e3:>11.2f}"
                 f"{txt['total'] * 1e3:>14.1f}{r['ratio']:>13.1f}x"
             )
 
