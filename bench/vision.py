@@ -57,7 +57,9 @@ then ``LLMEngine`` steps (the vision encoder runs inside the first prefill step:
 ``MediaEncoder.encode_seconds``) until the first token.
 *cold*: prefix cache and encoder cache off (every run does all the work); *again*: both on, the
 same image a second time (the encoder cache and the prefix cache hit; preprocessing still runs —
-the content hash is taken over the decoded pixels). The split (preprocess / engine) is reported.
+the content hash is taken over the decoded pixels); *cold TP=2*: as cold with two tensor-parallel
+ranks over gloo (the tower on rank 0), *broadcast* = rank 0's seconds sending the embeddings to
+the other rank. The split (preprocess / encoder / broadcast) is reported.
 On K2.6 the engine share grows (27 blocks at width 1152 instead of 2 tiny ones; a 61-layer
 prefill over ~2.7K more tokens), the preprocessing share does not: see docs/PERF.md.
 
