@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from kimi_grpc.checkpoint_maker import demo_checkpoint  # noqa: E402
 from kimi_grpc.client import AsyncKimiClient, KimiClient  # noqa: E402
 from kimi_grpc.config import load_model_config  # noqa: E402
-from kimi_grpc.engine.kv_cache import LatentKVCache  # noqa: E402
+from kimi_grpc.model.kv_cache import LatentKVCache  # noqa: E402
 from kimi_grpc.swarm import ScriptedDecisions, Swarm, SwarmConfig, Tool, ToolRegistry  # noqa: E402
 from tests.server_harness import start_server  # noqa: E402
 

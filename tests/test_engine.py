@@ -115,7 +115,7 @@ def test_eviction_under_pressure_never_corrupts_running_requests(demo):
 
 def token_bytes(demo) -> int:
     """Bytes per token of the demo latent cache (fp32)."""
-    from kimi_grpc.engine.kv_cache import LatentKVCache
+    from kimi_grpc.model.kv_cache import LatentKVCache
 
     return LatentKVCache.bytes_per_token(demo[0].config, torch.float32)
 

@@ -23,13 +23,13 @@ from kimi_grpc import LLM, SamplingParams
 from kimi_grpc.chat import ChatRenderer
 from kimi_grpc.checkpoint_maker import demo_checkpoint
 from kimi_grpc.config import EngineConfig
-from kimi_grpc.engine.kv_cache import LatentKVCache
 from kimi_grpc.engine.llm_engine import LLMEngine, RequestError
 from kimi_grpc.engine.media_encoder import cache_keys
 from kimi_grpc.engine.outputs import CompletionOutput, RequestOutput
 from kimi_grpc.media import MediaConfig, MediaLimits
 from kimi_grpc.media.request import ChatPrompt, MediaSpan, chat_prompt
 from kimi_grpc.model import ForwardBatch
+from kimi_grpc.model.kv_cache import LatentKVCache
 from kimi_grpc.parallel import step_channel
 from kimi_grpc.parallel.distributed import ParallelConfig
 from kimi_grpc.parallel.step_channel import StepSender

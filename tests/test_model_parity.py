@@ -11,9 +11,9 @@ from hf_reference import VARIANTS, Variant, build
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from kimi_grpc.config import EngineConfig
-from kimi_grpc.engine.kv_cache import LatentKVCache
 from kimi_grpc.engine.llm_engine import LLMEngine
 from kimi_grpc.model import ForwardBatch, KimiForCausalLM
+from kimi_grpc.model.kv_cache import LatentKVCache
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import KimiTokenizer
 

@@ -17,7 +17,6 @@ import torch
 
 from kimi_grpc.config import EngineConfig
 from kimi_grpc.engine.block_manager import BlockManager
-from kimi_grpc.engine.kv_cache import LatentKVCache, kv_cache_pages
 from kimi_grpc.engine.media_encoder import MediaEncoder, cache_keys
 from kimi_grpc.engine.model_runner import ModelRunner
 from kimi_grpc.engine.sampler import Sampler, SamplingState, make_generator
@@ -28,6 +27,7 @@ from kimi_grpc.guided import Constraint, Guide, GuidedStats, GuideError, MaskFil
 from kimi_grpc.guided.llguidance_backend import LLGuidanceBackend
 from kimi_grpc.media.request import MediaSpan
 from kimi_grpc.model import KimiForCausalLM
+from kimi_grpc.model.kv_cache import LatentKVCache, kv_cache_pages
 from kimi_grpc.model.vision import KimiVisionModel
 from kimi_grpc.parallel.leader import Leader
 from kimi_grpc.sampling_params import SamplingParams

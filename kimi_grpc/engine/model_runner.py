@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from kimi_grpc.engine.kv_cache import LatentKVCache
 from kimi_grpc.engine.media_encoder import MediaEncoder
 from kimi_grpc.engine.sequence import Sequence
 from kimi_grpc.model import ForwardBatch, KimiForCausalLM
+from kimi_grpc.model.kv_cache import LatentKVCache
 from kimi_grpc.parallel.leader import Leader
 
 

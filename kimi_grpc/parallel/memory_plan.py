@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from kimi_grpc.config import EngineConfig, ModelConfig, load_model_config
-from kimi_grpc.engine.kv_cache import CPU_DEFAULT_KV_CACHE_BYTES, LatentKVCache
+from kimi_grpc.model.kv_cache import CPU_DEFAULT_KV_CACHE_BYTES, LatentKVCache
 from kimi_grpc.parallel.devices import NodeDevices, query_cuda_devices
 from kimi_grpc.parallel.distributed import ParallelConfig
 from kimi_grpc.parallel.state import ParallelContext

@@ -55,9 +55,9 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     """Joins the group as ``rank``, loads the shard and serves steps until SHUTDOWN."""
     from kimi_grpc import ops
     from kimi_grpc.config import EngineConfig
-    from kimi_grpc.engine.kv_cache import LatentKVCache, kv_cache_pages
     from kimi_grpc.engine.llm import resolve_dtype
     from kimi_grpc.model import ForwardBatch, KimiForCausalLM
+    from kimi_grpc.model.kv_cache import LatentKVCache, kv_cache_pages
     from kimi_grpc.parallel.distributed import (
         agree_after_load,
         destroy_groups,
