@@ -29,6 +29,7 @@ from kimi_grpc.config import EngineConfig
 from kimi_grpc.engine.llm_engine import LLMEngine
 from kimi_grpc.int4 import dequantize_int4
 from kimi_grpc.model import KimiForCausalLM
+from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import KimiTokenizer
 
@@ -151,7 +152,8 @@ def run_transformers(hf, requests, batch_size: int, pad_id: int) -> float:
 
 
 def run_engine(model, tokenizer, requests, cache_bytes: int) -> tuple[float, LLMEngine]:
-    engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_memory=cache_bytes))
+    config = EngineConfig(kv_cache_memory=cache_bytes)
+    engine = LLMEngine(RankExecutor(model, config), tokenizer, config)
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(requests):
         engine.add_request(

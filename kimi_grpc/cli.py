@@ -191,6 +191,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-num-seqs", type=int, help="sequences running at once (default 256)")
     srv.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
     srv.add_argument("--kv-cache-memory", type=int, help="bytes for the latent KV cache")
+    srv.add_argument(
+        "--host-kv-cache-memory",
+        type=int,
+        help="bytes of host memory for evicted KV pages (prefix-cache hits load them back "
+        "instead of recomputing); default 0 = off",
+    )
     srv.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     srv.add_argument("--no-prefix-caching", action="store_true")
     srv.add_argument(
@@ -295,6 +301,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "kv_cache_memory": args.kv_cache_memory,
+        "host_kv_cache_memory": args.host_kv_cache_memory,
         "max_model_len": args.max_model_len,
         "encoder_cache_tokens": args.encoder_cache_tokens,
     }

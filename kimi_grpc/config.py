@@ -699,6 +699,9 @@ class EngineConfig:
     # Vision embeddings kept for reuse (images / video chunks; checkpoints with a vision tower),
     # in tokens: 16,384 x 7,168 bf16 = 224 MiB on K2.6; holds ~4 of the largest images.
     encoder_cache_tokens: int = 16_384
+    # Host-memory tier of the prefix cache, in bytes (0: off). Evicted device pages are kept
+    # there and loaded back on a hit instead of recomputed (docs/ARCHITECTURE.md).
+    host_kv_cache_memory: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "page_size"):
@@ -710,9 +713,10 @@ class EngineConfig:
             not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
         ):
             raise ConfigError(f"max_prefill_chunk_tokens must be a positive integer, got {chunk!r}")
-        value = self.encoder_cache_tokens
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"encoder_cache_tokens must be an integer >= 0, got {value!r}")
+        for name in ("encoder_cache_tokens", "host_kv_cache_memory"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:

@@ -15,6 +15,7 @@ from kimi_grpc.engine.llm_engine import LLMEngine
 from kimi_grpc.engine.outputs import CompletionOutput, RequestOutput
 from kimi_grpc.engine.scheduler import EngineOverloadedError
 from kimi_grpc.model import KimiForCausalLM
+from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.sampling_params import SamplingParams, SamplingParamsError
 from kimi_grpc.tokenizer import KimiTokenizer
 
@@ -31,7 +32,8 @@ def demo(tmp_path_factory):
 def make_engine(demo, **config) -> LLMEngine:
     model, tokenizer = demo
     config.setdefault("kv_cache_memory", 64 * 1024**2)
-    return LLMEngine(model, tokenizer, EngineConfig(**config))
+    engine_config = EngineConfig(**config)
+    return LLMEngine(RankExecutor(model, engine_config), tokenizer, engine_config)
 
 
 def run(engine: LLMEngine, prompts, params) -> list[RequestOutput]:

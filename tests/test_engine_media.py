@@ -32,6 +32,7 @@ from kimi_grpc.model import ForwardBatch
 from kimi_grpc.model.kv_cache import LatentKVCache
 from kimi_grpc.parallel import step_channel
 from kimi_grpc.parallel.distributed import ParallelConfig
+from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.parallel.step_channel import StepSender
 from kimi_grpc.parallel.step_codec import (
     Op,
@@ -67,7 +68,9 @@ class VL:
         config = {"kv_cache_memory": 16 << 20, "page_size": PAGE, **config}
         eng = self.reference.engine
         vision = eng.media_encoder.vision
-        return LLMEngine(eng.model, eng.tokenizer, EngineConfig(**config), vision=vision)
+        engine_config = EngineConfig(**config)
+        executor = RankExecutor(eng.model, engine_config)
+        return LLMEngine(executor, eng.tokenizer, engine_config, vision=vision)
 
     def alone(self, prompts: list[ChatPrompt], params=GREEDY) -> list[RequestOutput]:
         """Each prompt by itself on the reference engine."""

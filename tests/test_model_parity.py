@@ -14,6 +14,7 @@ from kimi_grpc.config import EngineConfig
 from kimi_grpc.engine.llm_engine import LLMEngine
 from kimi_grpc.model import ForwardBatch, KimiForCausalLM
 from kimi_grpc.model.kv_cache import LatentKVCache
+from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import KimiTokenizer
 
@@ -141,7 +142,8 @@ def test_greedy_32_tokens_identical(pair):
             token = int(hf(torch.tensor([context])).logits[0, -1].argmax())
             expected.append(token)
             context.append(token)
-    engine = LLMEngine(ours, KimiTokenizer.from_dir(path), EngineConfig(kv_cache_memory=2**24))
+    config = EngineConfig(kv_cache_memory=2**24)
+    engine = LLMEngine(RankExecutor(ours, config), KimiTokenizer.from_dir(path), config)
     engine.add_request("greedy", ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     tokens, reasons = [], []
     while engine.has_unfinished_requests():

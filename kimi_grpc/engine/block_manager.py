@@ -16,6 +16,13 @@ Invariants:
   collision can hand one request another's KV: the stored tokens and parents reproduce the prefix.
 - A page's generation changes whenever it loses its cache entry, which orphans its descendants;
   orphaned entries never hit and are replaced when their hash is registered again.
+
+With a host tier (``host``: ``engine.host_cache.HostPageIndex``), a registered page that a fresh
+allocation takes is first *saved* to a host page, and a lookup that misses on the device continues
+in the host index with the same chained hash; each host hit takes a fresh device page, registered
+at once, which is *loaded* from host. The moves are queued here (``drain_transfers``) and the
+engine copies them before the step's forward: saves first (a taken page may be a load's
+destination), then loads.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from kimi_grpc.engine.host_cache import HostEntry, HostPageIndex
 
 _HASH_KEY = secrets.token_bytes(32)  # per process: hashes are unguessable and never persisted
 _ROOT_HASH = b""
@@ -57,6 +66,28 @@ class _Entry(NamedTuple):
     hash: bytes
     parent: _Ident
     tokens: bytes  # the page's token ids, packed as by _pack
+    parent_hash: bytes  # the chain hash of the previous page (what the host tier verifies)
+
+
+@dataclass
+class Transfers:
+    """Copies the engine must make before the next forward, in this order."""
+
+    saves: list[tuple[int, int]] = field(default_factory=list)  # (device page, host page)
+    loads: list[tuple[int, int]] = field(default_factory=list)  # (host page, device page)
+
+    def __bool__(self) -> bool:
+        return bool(self.saves or self.loads)
+
+
+@dataclass
+class TierStats:
+    """Prefix-cache pages served per tier, and pages moved between them (since start)."""
+
+    device_hit_pages: int = 0
+    host_hit_pages: int = 0
+    saved_pages: int = 0
+    loaded_pages: int = 0
 
 
 class BlockManager:
@@ -67,7 +98,12 @@ class BlockManager:
     """
 
     def __init__(
-        self, num_pages: int, page_size: int = 64, *, enable_prefix_caching: bool = True
+        self,
+        num_pages: int,
+        page_size: int = 64,
+        *,
+        enable_prefix_caching: bool = True,
+        host: HostPageIndex | None = None,
     ) -> None:
         if num_pages < 1 or page_size < 1:
             raise ValueError(
@@ -84,6 +120,9 @@ class BlockManager:
         self._cache: dict[bytes, int] = {}  # chain hash -> page
         # Head = next to be taken. Unregistered pages go to the head, registered ones to the tail.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
+        self.host = host if enable_prefix_caching else None
+        self._transfers = Transfers()
+        self.tier_stats = TierStats()
 
     # -- stats ---------------------------------------------------------------------------------
     @property
@@ -105,7 +144,7 @@ class BlockManager:
     def pages_needed(self, token_ids: Sequence[int], num_tokens: int) -> int:
         """Pages ``allocate(token_ids, num_tokens)`` would take from the free pool (fresh pages
         plus hits on unreferenced cached pages). No side effects."""
-        hits, total = self._plan(token_ids, num_tokens)
+        hits, _, total = self._plan(token_ids, num_tokens)
         return total - len(hits) + sum(1 for page, _ in hits if self._ref[page] == 0)
 
     def allocate(self, token_ids: Sequence[int], num_tokens: int) -> PageTable | None:
@@ -116,7 +155,7 @@ class BlockManager:
         ``max(num_tokens, num_cached_tokens + 1)`` tokens. Returns None, changing nothing, when
         the free pool is too small.
         """
-        hits, total = self._plan(token_ids, num_tokens)
+        hits, host_hits, total = self._plan(token_ids, num_tokens)
         need = total - len(hits) + sum(1 for page, _ in hits if self._ref[page] == 0)
         if need > len(self._free):
             return None
@@ -124,9 +163,21 @@ class BlockManager:
             if self._ref[page] == 0:
                 del self._free[page]
             self._ref[page] += 1
+        for host_page, *_ in host_hits:  # no save this allocation triggers may evict them
+            self.host.pin(host_page)
         pages = [page for page, _ in hits]
-        pages.extend(self._take() for _ in range(total - len(hits)))
-        return PageTable(pages, [h for _, h in hits], len(hits) * self.page_size)
+        hashes = [h for _, h in hits]
+        for host_page, h, parent_hash, tokens in host_hits:  # promoted: registered at once
+            page = self._take()
+            parent = self._ident(pages[-1]) if pages else _ROOT
+            self._register(page, h, parent, tokens, parent_hash)
+            self._transfers.loads.append((host_page, page))
+            pages.append(page)
+            hashes.append(h)
+        pages.extend(self._take() for _ in range(total - len(pages)))
+        self.tier_stats.device_hit_pages += len(hits)
+        self.tier_stats.host_hit_pages += len(host_hits)
+        return PageTable(pages, hashes, len(hashes) * self.page_size)
 
     def extend(self, table: PageTable, num_tokens: int) -> bool:
         """Append fresh pages so ``table`` holds ``num_tokens`` tokens; False (no change) when the
@@ -159,11 +210,12 @@ class BlockManager:
         packed = _pack(token_ids[start * ps : stop * ps])
         for i in range(start, stop):
             tokens = packed[(i - start) * 8 * ps : (i - start + 1) * 8 * ps]
-            h = self._hash(table.hashes[i - 1] if i else _ROOT_HASH, tokens)
+            parent_hash = table.hashes[i - 1] if i else _ROOT_HASH
+            h = self._hash(parent_hash, tokens)
             table.hashes.append(h)
             if self.enable_prefix_caching:
                 parent = self._ident(table.pages[i - 1]) if i else _ROOT
-                self._register(table.pages[i], h, parent, tokens)
+                self._register(table.pages[i], h, parent, tokens, parent_hash)
 
     def free(self, table: PageTable) -> None:
         """Release a sequence: ref-1 on each page, last page first, so that a sequence's tail is
@@ -177,6 +229,21 @@ class BlockManager:
                     self._free.move_to_end(page, last=False)
         table.pages.clear()
         table.hashes.clear()
+
+    def drain_transfers(self) -> Transfers:
+        """The copies queued since the last call (the caller makes them, then calls
+        :meth:`transfers_done`)."""
+        transfers, self._transfers = self._transfers, Transfers()
+        return transfers
+
+    def transfers_done(self, transfers: Transfers) -> None:
+        """The copies are issued: their host pages may be reused (later copies run after them)."""
+        for _, host_page in transfers.saves:
+            self.host.unpin(host_page)
+        for host_page, _ in transfers.loads:
+            self.host.unpin(host_page)
+        self.tier_stats.saved_pages += len(transfers.saves)
+        self.tier_stats.loaded_pages += len(transfers.loads)
 
     def reset_prefix_cache(self) -> None:
         """Drop the cache entries of all unreferenced pages (referenced ones keep theirs)."""
@@ -194,11 +261,13 @@ class BlockManager:
 
     def _plan(
         self, token_ids: Sequence[int], num_tokens: int
-    ) -> tuple[list[tuple[int, bytes]], int]:
-        """The hits ``(page, hash)`` for ``token_ids`` and the table's total page count."""
+    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes, bytes, bytes]], int]:
+        """The device hits ``(page, hash)`` for ``token_ids``, then the host hits ``(host page,
+        hash, parent hash, tokens)`` that continue them, and the table's total page count."""
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         hits: list[tuple[int, bytes]] = []
+        host_hits: list[tuple[int, bytes, bytes, bytes]] = []
         if self.enable_prefix_caching:
             ps, parent_hash, parent = self.page_size, _ROOT_HASH, _ROOT
             cap = (len(token_ids) - 1) // ps  # leave >= 1 token to compute
@@ -206,23 +275,32 @@ class BlockManager:
             for i in range(cap):
                 tokens = packed[i * 8 * ps : (i + 1) * 8 * ps]
                 h = self._hash(parent_hash, tokens)
-                page = self._cache.get(h)
-                if page is None:
+                page = None if host_hits else self._cache.get(h)
+                entry = self._entry[page] if page is not None else None
+                if entry is not None and entry.parent == parent and entry.tokens == tokens:
+                    hits.append((page, h))
+                    parent_hash, parent = h, (page, self._gen[page])
+                    continue
+                host_page = self.host.lookup(h, parent_hash, tokens) if self.host else None
+                if host_page is None:
                     break
-                entry = self._entry[page]
-                assert entry is not None and entry.hash == h
-                if entry.parent != parent or entry.tokens != tokens:
-                    break
-                hits.append((page, h))
-                parent_hash, parent = h, (page, self._gen[page])
-        num_cached = len(hits) * self.page_size
-        return hits, self._pages_for(max(num_tokens, num_cached + 1))
+                host_hits.append((host_page, h, parent_hash, tokens))
+                parent_hash = h
+        num_cached = (len(hits) + len(host_hits)) * self.page_size
+        return hits, host_hits, self._pages_for(max(num_tokens, num_cached + 1))
 
     def _take(self) -> int:
-        """A fresh page from the free-queue head, evicting its cache entry."""
+        """A fresh page from the free-queue head, evicting its cache entry (saved to the host
+        tier first, when there is one)."""
         page, _ = self._free.popitem(last=False)
         assert self._ref[page] == 0
-        if self._entry[page] is not None:
+        entry = self._entry[page]
+        if entry is not None:
+            if self.host is not None:
+                host_page = self.host.store(HostEntry(entry.hash, entry.parent_hash, entry.tokens))
+                if host_page is not None:
+                    self.host.pin(host_page)
+                    self._transfers.saves.append((page, host_page))
             self._unregister(page)
         self._alias.pop(page, None)
         self._ref[page] = 1
@@ -240,7 +318,9 @@ class BlockManager:
     def _live(self, entry: _Entry) -> bool:
         return entry.parent == _ROOT or self._gen[entry.parent[0]] == entry.parent[1]
 
-    def _register(self, page: int, h: bytes, parent: _Ident | None, tokens: bytes) -> None:
+    def _register(
+        self, page: int, h: bytes, parent: _Ident | None, tokens: bytes, parent_hash: bytes
+    ) -> None:
         assert self._entry[page] is None and self._ref[page] > 0
         if parent is None:  # our previous page's content is not in the cache: nothing to chain to
             self._alias[page] = None
@@ -258,7 +338,7 @@ class BlockManager:
             self._unregister(other)  # orphaned by its parent's eviction: replace it
             if self._ref[other] == 0:
                 self._free.move_to_end(other, last=False)
-        self._entry[page] = _Entry(h, parent, tokens)
+        self._entry[page] = _Entry(h, parent, tokens, parent_hash)
         self._cache[h] = page
 
     def _unregister(self, page: int) -> None:

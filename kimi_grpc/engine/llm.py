@@ -8,30 +8,19 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from kimi_grpc.config import EngineConfig
+from kimi_grpc.config import EngineConfig, load_model_config
 from kimi_grpc.engine.llm_engine import LLMEngine
 from kimi_grpc.engine.outputs import CompletionOutput, RequestOutput
 from kimi_grpc.media.request import MediaSpan
-from kimi_grpc.model import KimiForCausalLM
+from kimi_grpc.model.dtype import DTYPES, resolve_dtype
 from kimi_grpc.model.vision import KimiVisionModel
 from kimi_grpc.parallel.distributed import ParallelConfig, free_port, rank_device
+from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.parallel.leader import Leader
 from kimi_grpc.parallel.memory_plan import plan_or_refuse
 from kimi_grpc.parallel.worker import WorkerSpec
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import KimiTokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def load_engine(
@@ -80,16 +69,24 @@ def load_engine(
         )
         leader = Leader(spec, rank_device(device, 0))
     try:
-        rank0_device = rank_device(device, 0) if leader else device
-        net = KimiForCausalLM.from_checkpoint(
-            path, dtype=torch_dtype, device=rank0_device, ctx=leader.ctx if leader else None
-        )
+        rank0_device = rank_device(device, 0) if leader else torch.device(device)
         # The vision tower runs on rank 0 only; the model broadcasts its embeddings to the other
-        # ranks inside the forward (docs/ARCHITECTURE.md, "Images and video").
+        # ranks inside the forward (docs/ARCHITECTURE.md, "Images and video"). It loads before
+        # the executor, whose cache takes a share of the memory left after everything rank 0 holds.
         vision = None
-        if net.config.vision_config is not None:
+        if load_model_config(path).vision_config is not None:
             vision = KimiVisionModel.from_checkpoint(path, dtype=torch_dtype, device=rank0_device)
-        engine = LLMEngine(net, KimiTokenizer.from_dir(path), config, leader=leader, vision=vision)
+        executor = RankExecutor.load(
+            path,
+            config,
+            dtype=torch_dtype,
+            device=rank0_device,
+            ctx=leader.ctx if leader else None,
+            agree=leader.agree_num_pages if leader else None,
+        )
+        engine = LLMEngine(
+            executor, KimiTokenizer.from_dir(path), config, leader=leader, vision=vision
+        )
     except BaseException:
         if leader is not None:
             leader.fail("rank 0 failed to load")

@@ -7,16 +7,19 @@ field); after that, every sequence ends with ``stop``, ``length`` or ``abort``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
 from kimi_grpc.config import EngineConfig
-from kimi_grpc.engine.block_manager import BlockManager
+from kimi_grpc.engine.block_manager import BlockManager, TierStats
+from kimi_grpc.engine.host_cache import HostPageIndex
 from kimi_grpc.engine.media_encoder import MediaEncoder, cache_keys
 from kimi_grpc.engine.model_runner import ModelRunner
 from kimi_grpc.engine.sampler import Sampler, SamplingState, make_generator
@@ -26,9 +29,9 @@ from kimi_grpc.engine.stop_checker import StopChecker
 from kimi_grpc.guided import Constraint, Guide, GuidedStats, GuideError, MaskFiller, StepMasks
 from kimi_grpc.guided.llguidance_backend import LLGuidanceBackend
 from kimi_grpc.media.request import MediaSpan
-from kimi_grpc.model import KimiForCausalLM
-from kimi_grpc.model.kv_cache import LatentKVCache, kv_cache_pages
+from kimi_grpc.model.kv_cache import HostKVPool
 from kimi_grpc.model.vision import KimiVisionModel
+from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.parallel.leader import Leader
 from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import IncrementalDetokenizer, KimiTokenizer
@@ -96,21 +99,38 @@ class EngineStats:
     pages_cached: int
     page_size: int
     num_preemptions: int
+    tiers: TierStats = field(default_factory=TierStats)  # prefix-cache tiers (a copy)
+    host_pages_total: int = 0
+    host_pages_used: int = 0
+    bytes_saved: int = 0
+    bytes_loaded: int = 0
+
+
+def check_host_memory(size: int) -> None:
+    """Refuses a host tier larger than the memory the host has available now."""
+    available = psutil.virtual_memory().available
+    if size > available:
+        raise ValueError(
+            f"host_kv_cache_memory={size / 2**30:.1f} GiB exceeds the "
+            f"{available / 2**30:.1f} GiB of host memory available"
+        )
 
 
 class LLMEngine:
     def __init__(
         self,
-        model: KimiForCausalLM,
+        executor: RankExecutor,
         tokenizer: KimiTokenizer,
         config: EngineConfig,
         *,
         leader: Leader | None = None,
         vision: KimiVisionModel | None = None,
     ) -> None:
-        """``leader``: rank 0's handle on the other tensor-parallel ranks (None: one process).
+        """``executor``: this rank's model and KV cache (sized with ``config``).
+        ``leader``: rank 0's handle on the other tensor-parallel ranks (None: one process).
         ``vision``: the checkpoint's vision tower + projector (None: text only; requests with
         media are refused)."""
+        model = executor.model
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_path: Path | None = None  # set by load_engine, for reporting
         mc = model.config
@@ -121,15 +141,34 @@ class LLMEngine:
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model only {mc.vocab_size}"
             )
-        num_pages = kv_cache_pages(config, mc, model.dtype, model.device)
         self.leader = leader
-        if leader is not None:  # every rank must allocate the same pages: take the minimum
-            num_pages = leader.agree_num_pages(num_pages, model)
-        self.cache = LatentKVCache(
-            mc, num_pages, page_size=config.page_size, dtype=model.dtype, device=model.device
-        )
+        self.cache = executor.cache
+        num_pages = self.cache.num_pages
+        self.host_pool: HostKVPool | None = None
+        host_index = None
+        if config.host_kv_cache_memory and config.enable_prefix_caching:
+            if leader is not None:
+                raise ValueError(
+                    "host_kv_cache_memory: the host KV tier does not run under tensor "
+                    "parallelism yet; use it with tensor_parallel_size 1"
+                )
+            check_host_memory(config.host_kv_cache_memory)
+            host_pages = HostKVPool.pages_for_bytes(
+                mc, config.page_size, model.dtype, config.host_kv_cache_memory
+            )
+            self.host_pool = HostKVPool(
+                mc,
+                host_pages,
+                page_size=config.page_size,
+                dtype=model.dtype,
+                pin_memory=model.device.type == "cuda",
+            )
+            host_index = HostPageIndex(host_pages)
         self.blocks = BlockManager(
-            num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching
+            num_pages,
+            config.page_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            host=host_index,
         )
         self.scheduler = Scheduler(
             self.blocks,
@@ -141,7 +180,7 @@ class LLMEngine:
         self.media_encoder: MediaEncoder | None = None
         if vision is not None:
             self.media_encoder = MediaEncoder(vision, config.encoder_cache_tokens)
-        self.runner = ModelRunner(model, self.cache, leader, self.media_encoder)
+        self.runner = ModelRunner(executor, leader, self.media_encoder)
         # Requests without a seed share one engine-wide stream.
         self.sampler = Sampler(make_generator(config.seed, model.device))
         # Stop on every eos the checkpoint declares, plus <|im_end|> and [EOS] (Kimi's rule).
@@ -336,12 +375,22 @@ class LLMEngine:
             pages_cached=self.blocks.num_cached_pages,
             page_size=self.blocks.page_size,
             num_preemptions=self.scheduler.num_preemptions,
+            tiers=dataclasses.replace(self.blocks.tier_stats),
+            host_pages_total=self.blocks.host.num_pages if self.blocks.host else 0,
+            host_pages_used=len(self.blocks.host) if self.blocks.host else 0,
+            bytes_saved=self.host_pool.bytes_saved if self.host_pool else 0,
+            bytes_loaded=self.host_pool.bytes_loaded if self.host_pool else 0,
         )
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
+        transfers = self.blocks.drain_transfers()
+        if transfers:  # host tier: save evicted pages, load promoted ones, before the forward
+            self.host_pool.save(self.cache.pools, transfers.saves)
+            self.host_pool.load(self.cache.pools, transfers.loads)
+            self.blocks.transfers_done(transfers)
         if not out.scheduled:
             return []
         t1 = time.perf_counter()

@@ -6,21 +6,21 @@ import torch
 
 from kimi_grpc.engine.media_encoder import MediaEncoder
 from kimi_grpc.engine.sequence import Sequence
-from kimi_grpc.model import ForwardBatch, KimiForCausalLM
-from kimi_grpc.model.kv_cache import LatentKVCache
+from kimi_grpc.model import ForwardBatch
+from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.parallel.leader import Leader
 
 
 class ModelRunner:
     def __init__(
         self,
-        model: KimiForCausalLM,
-        cache: LatentKVCache,
+        executor: RankExecutor,
         leader: Leader | None = None,
         media: MediaEncoder | None = None,
     ) -> None:
-        """``media``: the vision encoder (None for a text-only checkpoint)."""
-        self.model, self.cache, self.leader, self.media = model, cache, leader, media
+        """``executor``: rank 0's model and cache; ``media``: the vision encoder (None for a
+        text-only checkpoint)."""
+        self.executor, self.leader, self.media = executor, leader, media
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ForwardBatch:
         """The flat batch computing ``n`` new tokens for each ``(sequence, n)``, with the vision
@@ -41,8 +41,8 @@ class ModelRunner:
             new_tokens,
             context_lens,
             tables,
-            self.cache.page_size,
-            self.model.device,
+            self.executor.cache.page_size,
+            self.executor.model.device,
             media_rows=step_media.rows if step_media else (),
         )
         if step_media is not None:
@@ -53,6 +53,6 @@ class ModelRunner:
         """float32 logits ``[num_sequences, vocab]`` at each sequence's last computed token.
         Under tensor parallelism rank 0 first broadcasts the batch; every rank runs the forward."""
         if self.leader is None:
-            return self.model(batch, self.cache.pools)
+            return self.executor.forward(batch)
         with self.leader.step(batch):
-            return self.model(batch, self.cache.pools)
+            return self.executor.forward(batch)

@@ -64,3 +64,57 @@ class LatentKVCache:
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
+
+
+class HostKVPool:
+    """The host tier's bytes: ``[num_pages, layers, page_size, kv_cache_dim]``, page-first, so a
+    page moves in one contiguous copy (pinned on CUDA for asynchronous copies). Which page holds
+    what is ``engine.host_cache.HostPageIndex``'s business; this class only copies.
+
+    Copies run on the current stream, in the order issued: a page saved from the device before
+    a fresh allocation overwrites it, a page loaded before the forward that reads it.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_pages: int,
+        *,
+        page_size: int,
+        dtype: torch.dtype,
+        pin_memory: bool = False,
+    ) -> None:
+        if num_pages < 1:
+            raise ValueError(f"a host pool needs at least one page, got {num_pages}")
+        shape = (num_pages, config.num_hidden_layers, page_size, config.kv_cache_dim)
+        self.pages = torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+        self.bytes_per_page = self.pages[0].numel() * self.pages.element_size()
+        self.bytes_saved = 0
+        self.bytes_loaded = 0
+
+    @staticmethod
+    def pages_for_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype, size: int) -> int:
+        return size // (page_size * LatentKVCache.bytes_per_token(config, dtype))
+
+    def save(self, pools: list[torch.Tensor], moves: list[tuple[int, int]]) -> None:
+        """Device page -> host page for each ``(device_page, host_page)``."""
+        if not moves:
+            return
+        device = pools[0].device
+        src = torch.tensor([d for d, _ in moves], dtype=torch.int64, device=device)
+        dst = torch.tensor([h for _, h in moves], dtype=torch.int64)
+        pages = torch.stack([pool.index_select(0, src) for pool in pools], dim=1)  # [n, L, P, D]
+        self.pages.index_copy_(0, dst, pages.to("cpu"))
+        self.bytes_saved += len(moves) * self.bytes_per_page
+
+    def load(self, pools: list[torch.Tensor], moves: list[tuple[int, int]]) -> None:
+        """Host page -> device page for each ``(host_page, device_page)``."""
+        if not moves:
+            return
+        device = pools[0].device
+        src = torch.tensor([h for h, _ in moves], dtype=torch.int64)
+        dst = torch.tensor([d for _, d in moves], dtype=torch.int64, device=device)
+        pages = self.pages.index_select(0, src).to(device, non_blocking=True)  # [n, L, P, D]
+        for layer, pool in enumerate(pools):
+            pool.index_copy_(0, dst, pages[:, layer])
+        self.bytes_loaded += len(moves) * self.bytes_per_page

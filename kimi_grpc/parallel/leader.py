@@ -26,7 +26,7 @@ from kimi_grpc.parallel.distributed import (
     init_groups,
 )
 from kimi_grpc.parallel.step_channel import StepSender
-from kimi_grpc.parallel.worker import WorkerSpec, model_weight_bytes, split_cpu_threads
+from kimi_grpc.parallel.worker import WorkerSpec, split_cpu_threads
 from kimi_grpc.parallel.worker_procs import LocalWorkers
 
 logger = logging.getLogger("kimi_grpc.parallel")
@@ -108,11 +108,11 @@ class Leader:
         for callback in callbacks:
             callback(message)
 
-    def agree_num_pages(self, local_pages: int, model: torch.nn.Module) -> int:
-        """Waits for every rank's load; the KV pages all of them hold. Logs the per-rank weights."""
-        weights = model_weight_bytes(model)
+    def agree_num_pages(self, local_pages: int, weight_bytes: int) -> int:
+        """Rank 0's ``AgreePages`` (``parallel.executor``): waits for every rank's load; the KV
+        pages all of them hold. Logs the per-rank weights."""
         num_pages, self.weight_bytes = self._unless_failed(
-            lambda: agree_after_load(local_pages, weights)
+            lambda: agree_after_load(local_pages, weight_bytes)
         )
         per_rank = ", ".join(f"{b / 1e6:.1f}" for b in self.weight_bytes)
         logger.info(

@@ -28,7 +28,7 @@ def serve_node(
     from kimi_grpc.checkpoint import resolve_model_path
     from kimi_grpc.checkpoint_maker import demo_checkpoint
     from kimi_grpc.config import EngineConfig
-    from kimi_grpc.engine.llm import resolve_dtype
+    from kimi_grpc.model.dtype import resolve_dtype
     from kimi_grpc.parallel.memory_plan import plan_or_refuse
 
     path = resolve_model_path(model, revision) if model else demo_checkpoint()

@@ -47,23 +47,19 @@ class WorkerSpec:
         return cls(**raw)
 
 
-def model_weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def run_worker(spec: WorkerSpec, rank: int) -> None:
     """Joins the group as ``rank``, loads the shard and serves steps until SHUTDOWN."""
     from kimi_grpc import ops
     from kimi_grpc.config import EngineConfig
-    from kimi_grpc.engine.llm import resolve_dtype
-    from kimi_grpc.model import ForwardBatch, KimiForCausalLM
-    from kimi_grpc.model.kv_cache import LatentKVCache, kv_cache_pages
+    from kimi_grpc.model import ForwardBatch
+    from kimi_grpc.model.dtype import resolve_dtype
     from kimi_grpc.parallel.distributed import (
         agree_after_load,
         destroy_groups,
         init_groups,
         rank_device,
     )
+    from kimi_grpc.parallel.executor import RankExecutor
     from kimi_grpc.parallel.step_channel import StepReceiver
     from kimi_grpc.parallel.step_codec import Op
 
@@ -73,17 +69,20 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     device = rank_device(spec.device, rank % pcfg.local_size)
     split_cpu_threads(spec.device, pcfg.local_size)
     groups = init_groups(pcfg, rank, device)
-    dtype = resolve_dtype(spec.dtype, spec.device)
-    model = KimiForCausalLM.from_checkpoint(
-        spec.model_path, dtype=dtype, device=device, ctx=groups.ctx
+    executor = RankExecutor.load(
+        spec.model_path,
+        EngineConfig(**spec.engine_args),
+        dtype=resolve_dtype(spec.dtype, spec.device),
+        device=device,
+        ctx=groups.ctx,
+        agree=lambda pages, weight_bytes: agree_after_load(pages, weight_bytes)[0],
     )
-    engine = EngineConfig(**spec.engine_args)
-    weights = model_weight_bytes(model)
-    num_pages, _ = agree_after_load(kv_cache_pages(engine, model.config, dtype, device), weights)
-    cache = LatentKVCache(
-        model.config, num_pages, page_size=engine.page_size, dtype=dtype, device=device
+    logger.info(
+        "rank %d ready: %.1f MB of weights, %d KV pages",
+        rank,
+        executor.weight_bytes / 1e6,
+        executor.cache.num_pages,
     )
-    logger.info("rank %d ready: %.1f MB of weights, %d KV pages", rank, weights / 1e6, num_pages)
     receiver = StepReceiver(groups.control)
     while True:
         msg = receiver.recv()
@@ -98,7 +97,7 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
                 device,
                 media_rows=msg.media_rows,
             )
-            model(batch, cache.pools)
+            executor.forward(batch)
     destroy_groups()
 
 

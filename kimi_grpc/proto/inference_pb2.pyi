@@ -500,7 +500,7 @@ class GetServerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("running", "waiting", "kv_pages_total", "kv_pages_used", "kv_pages_cached", "page_size", "uptime_seconds", "num_preemptions", "prompt_tokens_total", "cached_tokens_total", "draining", "guided_decoding")
+    __slots__ = ("running", "waiting", "kv_pages_total", "kv_pages_used", "kv_pages_cached", "page_size", "uptime_seconds", "num_preemptions", "prompt_tokens_total", "cached_tokens_total", "draining", "guided_decoding", "kv_tiers")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -513,6 +513,7 @@ class GetServerStatusResponse(_message.Message):
     CACHED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     GUIDED_DECODING_FIELD_NUMBER: _ClassVar[int]
+    KV_TIERS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_pages_total: int
@@ -525,7 +526,28 @@ class GetServerStatusResponse(_message.Message):
     cached_tokens_total: int
     draining: bool
     guided_decoding: GuidedDecodingStatus
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., page_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., draining: _Optional[bool] = ..., guided_decoding: _Optional[_Union[GuidedDecodingStatus, _Mapping]] = ...) -> None: ...
+    kv_tiers: KvTierStatus
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., page_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., draining: _Optional[bool] = ..., guided_decoding: _Optional[_Union[GuidedDecodingStatus, _Mapping]] = ..., kv_tiers: _Optional[_Union[KvTierStatus, _Mapping]] = ...) -> None: ...
+
+class KvTierStatus(_message.Message):
+    __slots__ = ("device_hit_pages", "host_hit_pages", "saved_pages", "loaded_pages", "bytes_saved", "bytes_loaded", "host_pages_total", "host_pages_used")
+    DEVICE_HIT_PAGES_FIELD_NUMBER: _ClassVar[int]
+    HOST_HIT_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SAVED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    LOADED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SAVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
+    HOST_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HOST_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    device_hit_pages: int
+    host_hit_pages: int
+    saved_pages: int
+    loaded_pages: int
+    bytes_saved: int
+    bytes_loaded: int
+    host_pages_total: int
+    host_pages_used: int
+    def __init__(self, device_hit_pages: _Optional[int] = ..., host_hit_pages: _Optional[int] = ..., saved_pages: _Optional[int] = ..., loaded_pages: _Optional[int] = ..., bytes_saved: _Optional[int] = ..., bytes_loaded: _Optional[int] = ..., host_pages_total: _Optional[int] = ..., host_pages_used: _Optional[int] = ...) -> None: ...
 
 class GuidedDecodingStatus(_message.Message):
     __slots__ = ("enabled", "constrained_requests", "lenient_fallbacks", "rejected_tokens", "masks", "mask_seconds")

@@ -38,8 +38,27 @@ class _EngineGauges(Collector):
             ("kimi_kv_pages_cached", "Free KV pages holding reusable prefixes", stats.pages_cached),
             ("kimi_kv_usage_ratio", "Used share of the KV cache", usage),
             ("kimi_prefix_cache_hit_ratio", "Prompt tokens from the prefix cache", self._hits()),
+            ("kimi_kv_host_pages_total", "Host-tier KV pages (0: off)", stats.host_pages_total),
+            ("kimi_kv_host_pages_used", "Host-tier KV pages holding a page", stats.host_pages_used),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        tiers = stats.tiers
+        for name, doc, value in (
+            (
+                "kimi_kv_device_hit_pages",
+                "Prefix-cache pages hit on the device",
+                tiers.device_hit_pages,
+            ),
+            (
+                "kimi_kv_host_hit_pages",
+                "Prefix-cache pages loaded back from host",
+                tiers.host_hit_pages,
+            ),
+            ("kimi_kv_saved_pages", "Evicted device pages saved to host", tiers.saved_pages),
+            ("kimi_kv_bytes_saved", "Bytes copied device -> host", stats.bytes_saved),
+            ("kimi_kv_bytes_loaded", "Bytes copied host -> device", stats.bytes_loaded),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
 
 
 class _GuidedCounters(Collector):

@@ -315,6 +315,18 @@ class InferenceServicer:
             status.kv_pages_total, status.kv_pages_used = stats.pages_total, stats.pages_used
             status.kv_pages_cached, status.page_size = stats.pages_cached, stats.page_size
             status.num_preemptions = stats.num_preemptions
+            status.kv_tiers.CopyFrom(
+                pb.KvTierStatus(
+                    device_hit_pages=stats.tiers.device_hit_pages,
+                    host_hit_pages=stats.tiers.host_hit_pages,
+                    saved_pages=stats.tiers.saved_pages,
+                    loaded_pages=stats.tiers.loaded_pages,
+                    bytes_saved=stats.bytes_saved,
+                    bytes_loaded=stats.bytes_loaded,
+                    host_pages_total=stats.host_pages_total,
+                    host_pages_used=stats.host_pages_used,
+                )
+            )
             guided = rt.model.engine.guided_stats
             status.guided_decoding.CopyFrom(
                 pb.GuidedDecodingStatus(

@@ -1,0 +1,79 @@
+"""The host tier of the prefix cache: which full KV pages live in host memory, keyed like the
+device cache. Pure bookkeeping (the bytes live in ``model.kv_cache.HostKVPool``).
+
+A device page that loses its prefix-cache entry to a fresh allocation is *demoted*: its latents
+are copied to a host page and the host index records the page's chain hash, its parent's chain
+hash and its token ids. A lookup that misses on the device continues here with the same chained
+hash; a hit needs the hash, the stored tokens and the parent hash to match, and the walk starts at
+the root (or at a verified device hit), so by induction a host hit reproduces the whole prefix —
+as collision-safe as a device hit. A host hit is *promoted*: copied into a fresh device page
+before the step's forward.
+
+Invariants: a host page holds at most one entry; pages with a copy in flight (``pin``) are never
+evicted or overwritten; eviction is LRU over unpinned entries.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
+
+
+class HostEntry(NamedTuple):
+    hash: bytes
+    parent_hash: bytes
+    tokens: bytes  # the page's token ids, packed as the block manager packs them
+
+
+class HostPageIndex:
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 1:
+            raise ValueError(f"a host tier needs at least one page, got {num_pages}")
+        self.num_pages = num_pages
+        self._by_hash: OrderedDict[bytes, int] = OrderedDict()  # LRU: oldest first
+        self._entry: list[HostEntry | None] = [None] * num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() gives the lowest page first
+        self._pins = [0] * num_pages
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def __contains__(self, h: bytes) -> bool:
+        return h in self._by_hash
+
+    def lookup(self, h: bytes, parent_hash: bytes, tokens: bytes) -> int | None:
+        """The host page holding exactly this page (hash, parent and tokens all equal)."""
+        page = self._by_hash.get(h)
+        if page is None:
+            return None
+        entry = self._entry[page]
+        assert entry is not None and entry.hash == h
+        if entry.parent_hash != parent_hash or entry.tokens != tokens:
+            return None  # a hash collision: never served
+        self._by_hash.move_to_end(h)
+        return page
+
+    def store(self, entry: HostEntry) -> int | None:
+        """A host page for a demoted device page (evicting the least recently used unpinned
+        entry when full); None when the page is already here or every page is pinned."""
+        if entry.hash in self._by_hash:
+            self._by_hash.move_to_end(entry.hash)
+            return None
+        if self._free:
+            page = self._free.pop()
+        else:
+            victim = next((h for h, p in self._by_hash.items() if not self._pins[p]), None)
+            if victim is None:
+                return None
+            page = self._by_hash.pop(victim)
+        self._entry[page] = entry
+        self._by_hash[entry.hash] = page
+        return page
+
+    def pin(self, page: int) -> None:
+        """A copy from or to ``page`` is pending: it may not be evicted until :meth:`unpin`."""
+        self._pins[page] += 1
+
+    def unpin(self, page: int) -> None:
+        assert self._pins[page] > 0, f"host page {page} unpinned more often than pinned"
+        self._pins[page] -= 1

@@ -1,0 +1,69 @@
+"""One rank's compute: its model shard and the paged latent cache that shard's attention reads.
+
+Every tensor-parallel rank builds its executor the same way — rank 0 in ``engine.llm.load_engine``,
+the others in ``parallel.worker.run_worker`` — and runs the same forward on the same
+``ForwardBatch``. Invariant: every rank allocates the same number of pages of the same size, so a
+page id in a block table names the same slot in every rank's cache; each rank's page count is what
+its own budget holds, agreed to the minimum over the ranks before anyone allocates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kimi_grpc.config import EngineConfig
+from kimi_grpc.model import ForwardBatch, KimiForCausalLM
+from kimi_grpc.model.kv_cache import LatentKVCache, kv_cache_pages
+from kimi_grpc.parallel.state import ParallelContext
+
+# (this rank's pages, this rank's weight bytes) -> the pages every rank allocates. A collective:
+# every rank calls it once, after loading everything it holds.
+AgreePages = Callable[[int, int], int]
+
+
+class RankExecutor:
+    def __init__(
+        self, model: KimiForCausalLM, config: EngineConfig, agree: AgreePages | None = None
+    ) -> None:
+        """Sizes and allocates the cache for a loaded shard. Call it after everything else this
+        rank holds is loaded: on CUDA the budget is a share of the memory still free.
+        ``agree``: None for a single process."""
+        self.model = model
+        self.weight_bytes = sum(  # this rank's parameters (rank 0 logs every rank's)
+            p.numel() * p.element_size() for p in model.parameters()
+        )
+        num_pages = kv_cache_pages(config, model.config, model.dtype, model.device)
+        if agree is not None:
+            num_pages = agree(num_pages, self.weight_bytes)
+        self.cache = LatentKVCache(
+            model.config,
+            num_pages,
+            page_size=config.page_size,
+            dtype=model.dtype,
+            device=model.device,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        config: EngineConfig,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        ctx: ParallelContext | None = None,
+        agree: AgreePages | None = None,
+    ) -> RankExecutor:
+        """Loads this rank's shard of the checkpoint at ``path`` (``ctx``: its place among the
+        ranks; None: the whole model), then its cache."""
+        model = KimiForCausalLM.from_checkpoint(path, dtype=dtype, device=device, ctx=ctx)
+        return cls(model, config, agree)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """float32 logits ``[num_sequences, vocab]`` at each sequence's last new token; writes the
+        batch's latents into the cache. Under tensor parallelism every rank must call it with the
+        same batch (the layers' collectives pair up)."""
+        return self.model(batch, self.cache.pools)

@@ -1,0 +1,140 @@
+"""The host tier of the prefix cache (issue 17): with a device pool far smaller than the working
+set, pages go to host memory and come back on a hit; greedy outputs never change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_grpc.checkpoint_maker import demo_checkpoint
+from kimi_grpc.config import load_model_config
+from kimi_grpc.engine.block_manager import BlockManager
+from kimi_grpc.engine.host_cache import HostEntry, HostPageIndex
+from kimi_grpc.engine.llm import LLM
+from kimi_grpc.model.kv_cache import LatentKVCache
+from kimi_grpc.sampling_params import SamplingParams
+
+PAGE = 16
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def make_llm(device_pages: int, host_pages: int) -> LLM:
+    """The demo model (float32) with pools of exactly these many 16-token pages."""
+    config = load_model_config(demo_checkpoint())
+    per_page = PAGE * LatentKVCache.bytes_per_token(config, torch.float32)
+    return LLM(
+        page_size=PAGE,
+        dtype="float32",
+        kv_cache_memory=device_pages * per_page,
+        host_kv_cache_memory=host_pages * per_page,
+        max_model_len=256,
+    )
+
+
+def agent_prompts(round_: int) -> list[list[int]]:
+    """Eight 'sub-agents': a shared 40-token system prefix, a private history that grows each
+    round (the previous round's prompt plus new tokens), mixed lengths."""
+    system = list(range(100, 140))
+    return [system + [200 + 7 * a + t for t in range(24 + 9 * a + 16 * round_)] for a in range(8)]
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[list[int]]]:
+    """Every round's outputs with a pool that holds everything (no eviction at all)."""
+    with make_llm(device_pages=400, host_pages=0) as llm:
+        return [
+            [o.outputs[0].token_ids for o in llm.generate(agent_prompts(r), GREEDY)]
+            for r in range(3)
+        ]
+
+
+@pytest.mark.parametrize("host_pages", [0, 256], ids=["tier-off", "tier-on"])
+def test_outputs_equal_with_every_page_through_host(reference, host_pages: int) -> None:
+    """A 24-page device pool (the rounds need ~70 pages of context, so sequences also preempt
+    each other): tokens equal the roomy pool's, with the tier on or off; with it on, later rounds
+    are served from host pages, saved and loaded, and recompute less."""
+    with make_llm(device_pages=24, host_pages=host_pages) as llm:
+        outputs = [
+            [o.outputs[0].token_ids for o in llm.generate(agent_prompts(r), GREEDY)]
+            for r in range(3)
+        ]
+        stats = llm.engine.blocks.tier_stats
+        assert outputs == reference
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.blocks.num_used_pages == 0  # nothing leaked
+        if host_pages:
+            assert stats.saved_pages > 0 and stats.loaded_pages == stats.host_hit_pages > 0
+            assert llm.engine.host_pool.bytes_loaded > 0
+        else:
+            assert stats.host_hit_pages == stats.saved_pages == 0
+
+
+def test_the_tier_cuts_recompute() -> None:
+    """The same workload: prompt tokens computed (not served from any cache) in rounds 2 and 3
+    drop with the tier on."""
+
+    def computed(host_pages: int) -> int:
+        with make_llm(device_pages=24, host_pages=host_pages) as llm:
+            total = 0
+            for r in range(3):
+                results = llm.generate(agent_prompts(r), GREEDY)
+                if r:
+                    total += sum(len(o.prompt_token_ids) - o.num_cached_tokens for o in results)
+            return total
+
+    off, on = computed(0), computed(256)
+    assert on * 2 < off, (on, off)
+
+
+def test_aborts_mid_prefill_leave_no_pages_and_later_hits_stay_exact(reference) -> None:
+    with make_llm(device_pages=24, host_pages=256) as llm:
+        engine = llm.engine
+        prompts = agent_prompts(1)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"a{i}", prompt, GREEDY)
+        engine.step()
+        engine.step()
+        for i in range(0, len(prompts), 2):
+            engine.abort_request(f"a{i}")
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert engine.blocks.num_used_pages == 0
+        again = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+        assert again == reference[1]
+
+
+def test_host_index_verifies_parent_and_tokens_and_evicts_lru() -> None:
+    index = HostPageIndex(2)
+    a = index.store(HostEntry(b"a", b"", b"ta"))
+    b = index.store(HostEntry(b"b", b"a", b"tb"))
+    assert (a, b) == (0, 1)
+    assert index.lookup(b"b", b"a", b"tb") == b
+    assert index.lookup(b"b", b"x", b"tb") is None  # another parent: a collision, not a hit
+    assert index.lookup(b"b", b"a", b"other") is None
+    assert index.store(HostEntry(b"a", b"", b"ta")) is None  # already there
+    index.pin(b)
+    assert index.store(HostEntry(b"c", b"b", b"tc")) == a  # LRU among unpinned: "a"
+    assert b"a" not in index and b"c" in index
+    index.pin(a)
+    assert index.store(HostEntry(b"d", b"", b"td")) is None  # every page pinned: dropped
+    index.unpin(a)
+    assert index.store(HostEntry(b"d", b"", b"td")) == a  # "c", the unpinned one, goes
+    index.unpin(b)
+
+
+def test_block_manager_demotes_on_eviction_and_promotes_on_a_host_hit() -> None:
+    blocks = BlockManager(4, 2, host=HostPageIndex(8))
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    table = blocks.allocate(prompt, len(prompt))
+    blocks.commit(table, prompt, 7)  # pages 0-2 full and registered
+    blocks.free(table)
+    other = blocks.allocate([9] * 7, 7)  # takes all four pages: three registered ones saved
+    moves = blocks.drain_transfers()
+    assert len(moves.saves) == 3 and not moves.loads
+    blocks.transfers_done(moves)
+    blocks.free(other)
+    again = blocks.allocate(prompt, len(prompt))
+    moves = blocks.drain_transfers()
+    assert again.num_cached_tokens == 6 and len(moves.loads) == 3
+    assert [d for _, d in moves.loads] == again.pages[:3]
+    assert blocks.tier_stats.host_hit_pages == 3
