@@ -138,3 +138,42 @@ def test_block_manager_demotes_on_eviction_and_promotes_on_a_host_hit() -> None:
     assert again.num_cached_tokens == 6 and len(moves.loads) == 3
     assert [d for _, d in moves.loads] == again.pages[:3]
     assert blocks.tier_stats.host_hit_pages == 3
+
+
+def test_step_codec_carries_the_host_tier_moves() -> None:
+    from kimi_grpc.parallel.step_codec import Op, StepMessage, decode, decode_header, encode
+
+    message = StepMessage(
+        Op.STEP,
+        7,
+        token_ids=[[1, 2], [3]],
+        context_lens=[2, 5],
+        block_tables=[[0], [1, 2]],
+        page_size=4,
+        media_rows=[1],
+        kv_saves=[(5, 0), (6, 1)],
+        kv_loads=[(0, 3)],
+    )
+    header, payload = encode(message)
+    assert decode(decode_header(header), payload) == message
+
+
+def test_tensor_parallel_host_tier_equals_one_process(reference) -> None:
+    """TP=2 (gloo): rank 0 decides the moves, the step message carries them, every rank copies
+    its own pages; tokens equal the single-process reference."""
+    config = load_model_config(demo_checkpoint())
+    per_page = PAGE * LatentKVCache.bytes_per_token(config, torch.float32)
+    with LLM(
+        page_size=PAGE,
+        dtype="float32",
+        kv_cache_memory=24 * per_page,
+        host_kv_cache_memory=256 * per_page,
+        max_model_len=256,
+        tensor_parallel_size=2,
+    ) as llm:
+        outputs = [
+            [o.outputs[0].token_ids for o in llm.generate(agent_prompts(r), GREEDY)]
+            for r in range(3)
+        ]
+        assert llm.engine.blocks.tier_stats.host_hit_pages > 0
+    assert outputs == reference

@@ -169,3 +169,12 @@ def test_rank0_counts_the_vision_tower(kimi):
     extra0 = rank_weight_bytes(vision, tp8, BF16, 0) - rank_weight_bytes(kimi, tp8, BF16, 0)
     assert 0.8 * GB < extra0 < 1.0 * GB
     assert rank_weight_bytes(vision, tp8, BF16, 1) == rank_weight_bytes(kimi, tp8, BF16, 1)
+
+
+def test_host_tier_larger_than_host_memory_is_refused(kimi):
+    """Every local rank holds its own host pages: 8 x 200 GB on a 1 TB host does not fit."""
+    engine = EngineConfig(host_kv_cache_memory=int(200 * GB))
+    with pytest.raises(MemoryPlanError, match=r"200.0 GB x 8 local rank\(s\) = 1600.0 GB exceeds"):
+        plan(kimi, ParallelConfig(8), engine, BF16, "cuda", h200s(), host_available=int(1000 * GB))
+    fits = plan(kimi, ParallelConfig(8), engine, BF16, "cuda", h200s(), host_available=int(2e12))
+    assert fits.tensor_parallel_size == 8

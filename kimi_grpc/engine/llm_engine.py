@@ -14,7 +14,6 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 
 from kimi_grpc.config import EngineConfig
@@ -29,7 +28,6 @@ from kimi_grpc.engine.stop_checker import StopChecker
 from kimi_grpc.guided import Constraint, Guide, GuidedStats, GuideError, MaskFiller, StepMasks
 from kimi_grpc.guided.llguidance_backend import LLGuidanceBackend
 from kimi_grpc.media.request import MediaSpan
-from kimi_grpc.model.kv_cache import HostKVPool
 from kimi_grpc.model.vision import KimiVisionModel
 from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.parallel.leader import Leader
@@ -106,16 +104,6 @@ class EngineStats:
     bytes_loaded: int = 0
 
 
-def check_host_memory(size: int) -> None:
-    """Refuses a host tier larger than the memory the host has available now."""
-    available = psutil.virtual_memory().available
-    if size > available:
-        raise ValueError(
-            f"host_kv_cache_memory={size / 2**30:.1f} GiB exceeds the "
-            f"{available / 2**30:.1f} GiB of host memory available"
-        )
-
-
 class LLMEngine:
     def __init__(
         self,
@@ -144,26 +132,8 @@ class LLMEngine:
         self.leader = leader
         self.cache = executor.cache
         num_pages = self.cache.num_pages
-        self.host_pool: HostKVPool | None = None
-        host_index = None
-        if config.host_kv_cache_memory and config.enable_prefix_caching:
-            if leader is not None:
-                raise ValueError(
-                    "host_kv_cache_memory: the host KV tier does not run under tensor "
-                    "parallelism yet; use it with tensor_parallel_size 1"
-                )
-            check_host_memory(config.host_kv_cache_memory)
-            host_pages = HostKVPool.pages_for_bytes(
-                mc, config.page_size, model.dtype, config.host_kv_cache_memory
-            )
-            self.host_pool = HostKVPool(
-                mc,
-                host_pages,
-                page_size=config.page_size,
-                dtype=model.dtype,
-                pin_memory=model.device.type == "cuda",
-            )
-            host_index = HostPageIndex(host_pages)
+        self.host_pool = executor.host  # every rank holds the same host pages
+        host_index = HostPageIndex(self.host_pool.pages.shape[0]) if self.host_pool else None
         self.blocks = BlockManager(
             num_pages,
             config.page_size,
@@ -386,15 +356,14 @@ class LLMEngine:
     def step(self) -> list[SequenceDelta]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
-        transfers = self.blocks.drain_transfers()
-        if transfers:  # host tier: save evicted pages, load promoted ones, before the forward
-            self.host_pool.save(self.cache.pools, transfers.saves)
-            self.host_pool.load(self.cache.pools, transfers.loads)
-            self.blocks.transfers_done(transfers)
         if not out.scheduled:
             return []
         t1 = time.perf_counter()
         batch = self.runner.prepare(out.scheduled)
+        # Host tier: the pages this schedule evicted and promoted move with the batch (every
+        # rank makes the copies before its forward).
+        transfers = self.blocks.drain_transfers()
+        batch.kv_saves, batch.kv_loads = transfers.saves, transfers.loads
         # Rows that sample this step (their prompt and output are all computed after it); their
         # guided-decoding masks are filled on another thread while the forward runs.
         rows = [
@@ -409,6 +378,8 @@ class LLMEngine:
         )
         t2 = time.perf_counter()
         logits = self.runner.forward(batch)
+        if transfers:
+            self.blocks.transfers_done(transfers)
         t3 = time.perf_counter()
         masks = pending.result() if pending is not None else None
         t4 = time.perf_counter()

@@ -35,6 +35,10 @@ class ForwardBatch:
     media_rows: torch.Tensor | None = None  # [M] int64, or None without media in this step
     media_rows_host: list[int] = ()
     media_embeds: torch.Tensor | None = None  # [M, hidden]
+    # Host-tier moves to make before the forward (rank 0's block manager decided them): saves
+    # ``(device page, host page)`` first, then loads ``(host page, device page)``.
+    kv_saves: list[tuple[int, int]] = ()
+    kv_loads: list[tuple[int, int]] = ()
 
     @classmethod
     def build(
@@ -45,6 +49,8 @@ class ForwardBatch:
         page_size: int,
         device: torch.device,
         media_rows: list[int] = (),
+        kv_saves: list[tuple[int, int]] = (),
+        kv_loads: list[tuple[int, int]] = (),
     ) -> ForwardBatch:
         """``token_ids[b]`` are sequence b's new tokens; it holds ``context_lens[b]`` tokens after
         the step, stored in pages ``block_tables[b]``. ``media_rows``: the flat tokens whose
@@ -85,6 +91,8 @@ class ForwardBatch:
         return cls(
             media_rows=longs(list(media_rows)) if media_rows else None,
             media_rows_host=list(media_rows),
+            kv_saves=list(kv_saves),
+            kv_loads=list(kv_loads),
             input_ids=longs(ids),
             positions=longs(positions),
             slot_mapping=longs(slots),

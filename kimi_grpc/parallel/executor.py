@@ -16,7 +16,7 @@ import torch
 
 from kimi_grpc.config import EngineConfig
 from kimi_grpc.model import ForwardBatch, KimiForCausalLM
-from kimi_grpc.model.kv_cache import LatentKVCache, kv_cache_pages
+from kimi_grpc.model.kv_cache import HostKVPool, LatentKVCache, kv_cache_pages
 from kimi_grpc.parallel.state import ParallelContext
 
 # (this rank's pages, this rank's weight bytes) -> the pages every rank allocates. A collective:
@@ -45,6 +45,20 @@ class RankExecutor:
             dtype=model.dtype,
             device=model.device,
         )
+        # The host tier's bytes: every rank keeps its own copy of its pages (under tensor
+        # parallelism each rank's latents are the same, but live on its own device); rank 0's
+        # block manager decides what moves, the batch carries the moves to every rank.
+        self.host: HostKVPool | None = None
+        if config.host_kv_cache_memory and config.enable_prefix_caching:
+            self.host = HostKVPool(
+                model.config,
+                HostKVPool.pages_for_bytes(
+                    model.config, config.page_size, model.dtype, config.host_kv_cache_memory
+                ),
+                page_size=config.page_size,
+                dtype=model.dtype,
+                pin_memory=model.device.type == "cuda",
+            )
 
     @classmethod
     def load(
@@ -64,6 +78,12 @@ class RankExecutor:
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits ``[num_sequences, vocab]`` at each sequence's last new token; writes the
-        batch's latents into the cache. Under tensor parallelism every rank must call it with the
-        same batch (the layers' collectives pair up)."""
+        batch's latents into the cache. The batch's host-tier moves come first: saves (a page
+        about to be overwritten), then loads (pages the forward reads). Under tensor parallelism
+        every rank must call it with the same batch (the layers' collectives pair up)."""
+        if batch.kv_saves or batch.kv_loads:
+            if self.host is None:
+                raise ValueError("the batch moves KV pages but this rank has no host tier")
+            self.host.save(self.cache.pools, batch.kv_saves)
+            self.host.load(self.cache.pools, batch.kv_loads)
         return self.model(batch, self.cache.pools)

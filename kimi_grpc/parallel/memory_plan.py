@@ -15,7 +15,9 @@ Computed before any weight is loaded, from the checkpoint's config and the shard
 
 It refuses with a message naming the numbers when the weights do not fit, when one
 ``max_model_len`` sequence (asked for explicitly) does not fit in the KV budget, when the node has
-fewer GPUs than local ranks, or when two of those GPUs lack peer access.
+fewer GPUs than local ranks, when two of those GPUs lack peer access, or when the host KV tier
+(``host_kv_cache_memory`` per rank, every local rank holding its own) exceeds the host memory
+available.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from kimi_grpc.config import EngineConfig, ModelConfig, load_model_config
@@ -101,10 +104,13 @@ def plan(
     dtype: torch.dtype,
     device: str,
     devices: NodeDevices | None,
+    host_available: int | None = None,
 ) -> MemoryPlan:
     """The plan for one node, or :class:`MemoryPlanError`. ``devices``: the node's GPUs
-    (``device == "cuda"``; None when unknown)."""
+    (``device == "cuda"``; None when unknown); ``host_available``: host memory bytes available
+    (None: ask the OS)."""
     tp, local = parallel.tensor_parallel_size, parallel.local_size
+    _check_host_tier(engine, local, host_available)
     weights = rank_weight_bytes(config, parallel, dtype)
     per_token = LatentKVCache.bytes_per_token(config, dtype)
     context = config.max_position_embeddings
@@ -147,6 +153,19 @@ def plan(
             f"({result.kv_tokens:,} tokens): lower --max-model-len or use more GPUs"
         )
     return result
+
+
+def _check_host_tier(engine: EngineConfig, local: int, available: int | None) -> None:
+    size = engine.host_kv_cache_memory if engine.enable_prefix_caching else 0
+    if not size:
+        return
+    available = psutil.virtual_memory().available if available is None else available
+    if size * local > available:
+        raise MemoryPlanError(
+            f"host_kv_cache_memory {size / GB:.1f} GB x {local} local rank(s) = "
+            f"{size * local / GB:.1f} GB exceeds the {available / GB:.1f} GB of host memory "
+            "available: lower --host-kv-cache-memory"
+        )
 
 
 def _check_gpus(devices: NodeDevices, local: int) -> int:

@@ -62,6 +62,8 @@ class StepSender:
             block_tables=batch.block_tables_host,
             page_size=batch.page_size,
             media_rows=list(batch.media_rows_host),
+            kv_saves=list(batch.kv_saves),
+            kv_loads=list(batch.kv_loads),
         )
         with self._lock:
             start = time.perf_counter()

@@ -3,11 +3,13 @@
 Nothing here is pickled. A message is one fixed-size int64 header, then (for ``STEP`` only) one
 int64 payload whose length the header gives:
 
-    header  [9] int64  = MAGIC, VERSION, op, step_seq, B, N, P, page_size, M
-    payload [N + 3B + P + M] int64 = new token ids (N, sequence after sequence)
+    header  [11] int64 = MAGIC, VERSION, op, step_seq, B, N, P, page_size, M, S, L
+    payload [N + 3B + P + M + 2S + 2L] int64 = new token ids (N, sequence after sequence)
                                 | query_lens (B) | context_lens (B) | table_lens (B)
                                 | block-table pages (P, sequence after sequence)
                                 | media rows (M: flat tokens that take vision embeddings)
+                                | host-tier saves (S pairs: device page, host page)
+                                | host-tier loads (L pairs: host page, device page)
 
 ``B`` sequences, ``N`` new tokens, ``P`` pages in all block tables, ``M`` media rows (their
 ``[M, hidden]`` embeddings follow as a tensor broadcast inside the forward, on the model's
@@ -24,8 +26,8 @@ from itertools import accumulate
 import torch
 
 MAGIC = 0x4B494D49  # "KIMI"
-VERSION = 2
-HEADER_LEN = 9
+VERSION = 3
+HEADER_LEN = 11
 
 
 class Op(IntEnum):
@@ -47,6 +49,8 @@ class StepMessage:
     block_tables: list[list[int]] = field(default_factory=list)  # [B][pages]
     page_size: int = 0
     media_rows: list[int] = field(default_factory=list)  # [M]
+    kv_saves: list[tuple[int, int]] = field(default_factory=list)  # [S] (device, host)
+    kv_loads: list[tuple[int, int]] = field(default_factory=list)  # [L] (host, device)
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,17 @@ class Header:
     num_pages: int  # P
     page_size: int
     num_media_rows: int  # M
+    num_saves: int  # S
+    num_loads: int  # L
 
     @property
     def payload_len(self) -> int:
-        return self.num_tokens + 3 * self.num_seqs + self.num_pages + self.num_media_rows
+        moves = 2 * (self.num_saves + self.num_loads)
+        return self.num_tokens + 3 * self.num_seqs + self.num_pages + self.num_media_rows + moves
 
 
 def encode(msg: StepMessage) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(header [9] int64, payload [N + 3B + P + M] int64 or None)`` on the CPU."""
+    """``(header [11] int64, payload [N + 3B + P + M + 2S + 2L] int64 or None)`` on the CPU."""
     tables = msg.block_tables
     ids = [t for seq in msg.token_ids for t in seq]
     pages = [p for table in tables for p in table]
@@ -76,6 +83,7 @@ def encode(msg: StepMessage) -> tuple[torch.Tensor, torch.Tensor | None]:
         [
             *(MAGIC, VERSION, int(msg.op), msg.seq),
             *(b, len(ids), len(pages), msg.page_size, len(msg.media_rows)),
+            *(len(msg.kv_saves), len(msg.kv_loads)),
         ],
         dtype=torch.int64,
     )
@@ -84,7 +92,16 @@ def encode(msg: StepMessage) -> tuple[torch.Tensor, torch.Tensor | None]:
     query_lens = [len(seq) for seq in msg.token_ids]
     table_lens = [len(table) for table in tables]
     payload = torch.tensor(
-        ids + query_lens + list(msg.context_lens) + table_lens + pages + list(msg.media_rows),
+        [
+            *ids,
+            *query_lens,
+            *msg.context_lens,
+            *table_lens,
+            *pages,
+            *msg.media_rows,
+            *(x for pair in msg.kv_saves for x in pair),
+            *(x for pair in msg.kv_loads for x in pair),
+        ],
         dtype=torch.int64,
     )
     return header, payload
@@ -105,7 +122,7 @@ def decode_header(header: torch.Tensor) -> Header:
         raise StepFormatError(f"unknown step op {values[2]}") from None
     parsed = Header(op, *values[3:])
     sizes = (parsed.num_seqs, parsed.num_tokens, parsed.num_pages, parsed.page_size)
-    if min(*sizes, parsed.num_media_rows) < 0:
+    if min(*sizes, parsed.num_media_rows, parsed.num_saves, parsed.num_loads) < 0:
         raise StepFormatError(f"negative sizes in step header {values}")
     return parsed
 
@@ -123,8 +140,13 @@ def decode(header: Header, payload: torch.Tensor | None) -> StepMessage:
     query_lens = values[n : n + b]
     context_lens = values[n + b : n + 2 * b]
     table_lens = values[n + 2 * b : n + 3 * b]
-    pages = values[n + 3 * b : n + 3 * b + header.num_pages]
-    media_rows = values[n + 3 * b + header.num_pages :]
+    at = n + 3 * b
+    pages = values[at : at + header.num_pages]
+    at += header.num_pages
+    media_rows = values[at : at + header.num_media_rows]
+    at += header.num_media_rows
+    saves = _pairs(values[at : at + 2 * header.num_saves])
+    loads = _pairs(values[at + 2 * header.num_saves :])
     if sum(query_lens) != n or sum(table_lens) != header.num_pages:
         raise StepFormatError("step payload lengths do not add up to the header's sizes")
     if not all(0 <= row < n for row in media_rows):
@@ -137,7 +159,15 @@ def decode(header: Header, payload: torch.Tensor | None) -> StepMessage:
         block_tables=_split(pages, table_lens),
         page_size=header.page_size,
         media_rows=media_rows,
+        kv_saves=saves,
+        kv_loads=loads,
     )
+
+
+def _pairs(flat: list[int]) -> list[tuple[int, int]]:
+    if min(flat, default=0) < 0:
+        raise StepFormatError("negative page ids in the step's host-tier moves")
+    return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
 def _split(flat: list[int], lengths: list[int]) -> list[list[int]]:

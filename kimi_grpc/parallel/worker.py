@@ -96,6 +96,8 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
                 msg.page_size,
                 device,
                 media_rows=msg.media_rows,
+                kv_saves=msg.kv_saves,
+                kv_loads=msg.kv_loads,
             )
             executor.forward(batch)
     destroy_groups()
