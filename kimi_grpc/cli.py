@@ -197,6 +197,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="bytes of host memory for evicted KV pages (prefix-cache hits load them back "
         "instead of recomputing); default 0 = off",
     )
+    srv.add_argument(
+        "--kv-retention-seconds",
+        type=float,
+        help="with the host tier: how long a session (session_id) whose AgentStep ended in tool "
+        "calls keeps its pages there for its next step (default 180)",
+    )
     srv.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     srv.add_argument("--no-prefix-caching", action="store_true")
     srv.add_argument(
@@ -302,6 +308,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "kv_cache_memory": args.kv_cache_memory,
         "host_kv_cache_memory": args.host_kv_cache_memory,
+        "kv_retention_seconds": args.kv_retention_seconds,
         "max_model_len": args.max_model_len,
         "encoder_cache_tokens": args.encoder_cache_tokens,
     }

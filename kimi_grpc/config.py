@@ -702,6 +702,8 @@ class EngineConfig:
     # Host-memory tier of the prefix cache, in bytes (0: off). Evicted device pages are kept
     # there and loaded back on a hit instead of recomputed (docs/ARCHITECTURE.md).
     host_kv_cache_memory: int = 0
+    # How long a session that ended a step in tool calls keeps its pages in the host tier.
+    kv_retention_seconds: float = 180.0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "page_size"):
@@ -717,6 +719,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        retention = self.kv_retention_seconds
+        if not 0 <= retention < float("inf"):
+            raise ConfigError(f"kv_retention_seconds must be finite and >= 0, got {retention!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:

@@ -3,6 +3,8 @@ set, pages go to host memory and come back on a hit; greedy outputs never change
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -177,3 +179,45 @@ def test_tensor_parallel_host_tier_equals_one_process(reference) -> None:
         ]
         assert llm.engine.blocks.tier_stats.host_hit_pages > 0
     assert outputs == reference
+
+
+def test_host_index_retention_protects_then_yields_and_releases() -> None:
+    index = HostPageIndex(2)
+    index.retain([b"a"], time.monotonic() + 60)  # before it arrives: protected when it does
+    a = index.store(HostEntry(b"a", b"", b"ta"))
+    b = index.store(HostEntry(b"b", b"", b"tb"))
+    assert index.num_retained == 1
+    assert index.store(HostEntry(b"c", b"", b"tc")) == b  # "a" is older, but retained
+    index.retain([b"c"], time.monotonic() + 30)
+    # Everything retained: the retention that ends first yields ("c", 30 s), never blocking.
+    assert index.store(HostEntry(b"d", b"", b"td")) == b
+    index.release([b"a"])
+    assert index.store(HostEntry(b"e", b"", b"te")) == a  # released: evictable again
+    index.retain([b"e"], time.monotonic() - 1)  # a deadline in the past retains nothing
+    assert index.num_retained == 0
+
+
+def test_a_retained_session_resumes_from_host_not_recompute() -> None:
+    """Session A ends a step in tool calls (retain_session); other traffic then churns through a
+    host pool smaller than itself. A's next step loads its pages from host; without retention
+    the churn evicted them and A recomputes. Tokens are the same either way."""
+
+    def resume(retain: bool) -> tuple[int, list[int]]:
+        with make_llm(device_pages=16, host_pages=24) as llm:
+            engine = llm.engine
+            history = list(range(300, 380))  # 5 pages
+            engine.add_request("a1", history, GREEDY, session_id="A")
+            while engine.has_unfinished_requests():
+                engine.step()
+            if retain:
+                assert engine.retain_session("A") == 5
+            others = [[600 + 97 * i + t for t in range(70)] for i in range(12)]
+            llm.generate(others, GREEDY)  # 12 x 4 pages through a 24-page host pool
+            hits = engine.blocks.tier_stats.host_hit_pages
+            out = llm.generate([history + list(range(500, 540))], GREEDY)
+            return engine.blocks.tier_stats.host_hit_pages - hits, out[0].outputs[0].token_ids
+
+    retained_hits, retained_tokens = resume(True)
+    plain_hits, plain_tokens = resume(False)
+    assert retained_hits >= 4 and plain_hits == 0
+    assert retained_tokens == plain_tokens

@@ -115,6 +115,14 @@ class AsyncLLM:
         """Aborts a request from any thread; its stream ends with finish_reason "abort"."""
         self._commands.put(("abort", request_id))
 
+    def retain_session(self, session_id: str) -> None:
+        """From any thread: see ``LLMEngine.retain_session`` (the session waits on a tool)."""
+        self._commands.put(("retain", session_id))
+
+    def release_session(self, session_id: str) -> None:
+        """From any thread: see ``LLMEngine.release_session`` (the session is done)."""
+        self._commands.put(("release", session_id))
+
     def stats(self) -> EngineStats:
         """A snapshot taken by the engine thread after its latest step."""
         return self._stats
@@ -143,6 +151,12 @@ class AsyncLLM:
 
     def _handle(self, command: tuple | None) -> None:
         if command is None or command[0] == "stop":
+            return
+        if command[0] == "retain":
+            self.engine.retain_session(command[1])
+            return
+        if command[0] == "release":
+            self.engine.release_session(command[1])
             return
         if command[0] == "abort":
             self._dispatch(self.engine.abort_request(command[1]))

@@ -11,11 +11,19 @@ before the step's forward.
 
 Invariants: a host page holds at most one entry; pages with a copy in flight (``pin``) are never
 evicted or overwritten; eviction is LRU over unpinned entries.
+
+**Retention** (an agent session waiting on a tool): :meth:`retain` marks chain hashes — whether
+their pages are on the device or here already — until a deadline; eviction skips retained
+entries. The rule that keeps idle sessions from starving everyone else: when every unpinned
+entry is retained, the one whose retention ends first is evicted anyway (retention yields to new
+pages, never blocks them). :meth:`release` ends a session's retention at once.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import NamedTuple
 
 
@@ -34,6 +42,7 @@ class HostPageIndex:
         self._entry: list[HostEntry | None] = [None] * num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # pop() gives the lowest page first
         self._pins = [0] * num_pages
+        self._retained: dict[bytes, float] = {}  # chain hash -> time.monotonic() deadline
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -62,13 +71,55 @@ class HostPageIndex:
         if self._free:
             page = self._free.pop()
         else:
-            victim = next((h for h, p in self._by_hash.items() if not self._pins[p]), None)
+            victim = self._victim()
             if victim is None:
                 return None
             page = self._by_hash.pop(victim)
         self._entry[page] = entry
         self._by_hash[entry.hash] = page
         return page
+
+    def _victim(self) -> bytes | None:
+        """The least recently used unpinned entry that is not retained; else (every one is
+        retained) the retained entry whose retention ends first; None when all are pinned."""
+        now = time.monotonic()
+        first_to_expire: tuple[float, bytes] | None = None
+        skipped: list[bytes] = []
+        victim = None
+        for h, page in self._by_hash.items():
+            if self._pins[page]:
+                continue
+            deadline = self._retained.get(h)
+            if deadline is None or deadline <= now:
+                self._retained.pop(h, None)
+                victim = h
+                break
+            skipped.append(h)
+            if first_to_expire is None or deadline < first_to_expire[0]:
+                first_to_expire = (deadline, h)
+        for h in skipped:  # retained: to the recent end, so the next scan does not pass them again
+            self._by_hash.move_to_end(h)
+        if victim is None and first_to_expire is not None:
+            victim = first_to_expire[1]
+        return victim
+
+    @property
+    def num_retained(self) -> int:
+        """Entries here whose retention has not ended."""
+        now = time.monotonic()  # O(retained hashes), not O(host pages): read every step
+        return sum(1 for h, t in self._retained.items() if t > now and h in self._by_hash)
+
+    def retain(self, hashes: Iterable[bytes], until: float) -> None:
+        """Keep these pages (``time.monotonic()`` deadline ``until``), here or when they come."""
+        for h in hashes:
+            self._retained[h] = max(until, self._retained.get(h, 0.0))
+        if len(self._retained) > 4 * self.num_pages:  # forget deadlines that have passed
+            now = time.monotonic()
+            self._retained = {h: t for h, t in self._retained.items() if t > now}
+
+    def release(self, hashes: Iterable[bytes]) -> None:
+        for h in hashes:
+            self._retained.pop(h, None)
 
     def pin(self, page: int) -> None:
         """A copy from or to ``page`` is pending: it may not be evicted until :meth:`unpin`."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +101,12 @@ class EngineStats:
     tiers: TierStats = field(default_factory=TierStats)  # prefix-cache tiers (a copy)
     host_pages_total: int = 0
     host_pages_used: int = 0
+    host_pages_retained: int = 0
     bytes_saved: int = 0
     bytes_loaded: int = 0
+
+
+MAX_REMEMBERED_SESSIONS = 65_536  # sessions whose latest pages retention can still name
 
 
 class LLMEngine:
@@ -169,6 +174,7 @@ class LLMEngine:
             )
         self.mask_filler = MaskFiller(self.grammar_backend, self.guided_stats)
         self.requests: dict[str, list[Sequence]] = {}
+        self._session_pages: OrderedDict[str, list[bytes]] = OrderedDict()
         self._seq_ids = itertools.count()
         self.timings = StepTimings()
 
@@ -348,6 +354,7 @@ class LLMEngine:
             tiers=dataclasses.replace(self.blocks.tier_stats),
             host_pages_total=self.blocks.host.num_pages if self.blocks.host else 0,
             host_pages_used=len(self.blocks.host) if self.blocks.host else 0,
+            host_pages_retained=self.blocks.host.num_retained if self.blocks.host else 0,
             bytes_saved=self.host_pool.bytes_saved if self.host_pool else 0,
             bytes_loaded=self.host_pool.bytes_loaded if self.host_pool else 0,
         )
@@ -466,9 +473,38 @@ class LLMEngine:
             if seq.stop_reason is None or isinstance(seq.stop_reason, int):
                 text += seq.stop_checker.push(seq.detokenizer.flush()).text
                 text += seq.stop_checker.flush()
+            if seq.session_id is not None and self.blocks.host is not None:
+                self._remember_session(seq)
             self.scheduler.finish(seq, reason)
             self._forget_if_done(seq.request_id)
         return [self._delta(seq, [token], text, logprobs)]
+
+    # ---- retention (host tier) ----------------------------------------------------------------
+    def _remember_session(self, seq: Sequence) -> None:
+        """The pages a session's latest finished sequence filled (what retention keeps)."""
+        sessions = self._session_pages
+        sessions[seq.session_id] = list(seq.table.hashes)
+        sessions.move_to_end(seq.session_id)
+        while len(sessions) > MAX_REMEMBERED_SESSIONS:
+            sessions.popitem(last=False)
+
+    def retain_session(self, session_id: str, seconds: float | None = None) -> int:
+        """The session waits on a tool: keep the pages of its latest finished sequence in the
+        host tier for ``seconds`` (default ``kv_retention_seconds``) — evicted from the device
+        like any idle page, they stay in host memory for the session's next step. Returns the
+        pages retained (0 without a host tier or a finished sequence of that session)."""
+        hashes = self._session_pages.get(session_id)
+        if self.blocks.host is None or not hashes:
+            return 0
+        ttl = self.config.kv_retention_seconds if seconds is None else seconds
+        self.blocks.host.retain(hashes, time.monotonic() + ttl)
+        return len(hashes)
+
+    def release_session(self, session_id: str) -> None:
+        """The session is done: its pages stop being retained at once."""
+        hashes = self._session_pages.pop(session_id, None)
+        if self.blocks.host is not None and hashes:
+            self.blocks.host.release(hashes)
 
     def _forget_if_done(self, request_id: str) -> None:
         seqs = self.requests.get(request_id)

@@ -472,6 +472,11 @@ class AgentStep:
         result = parser.result
         if finish_reason == "stop" and result.tool_calls:
             finish_reason = "tool_calls"
+        if self.request.session_id:  # the host tier keeps a tool-waiting session's pages
+            if finish_reason == "tool_calls":
+                llm.retain_session(self.request.session_id)
+            elif finish_reason == "stop":  # the session's answer: nothing left to keep
+                llm.release_session(self.request.session_id)
         if self.metrics:
             self.metrics.finished.labels("AgentStep", finish_reason).inc()
         message = pb.ChatMessage(

@@ -325,6 +325,7 @@ class InferenceServicer:
                     bytes_loaded=stats.bytes_loaded,
                     host_pages_total=stats.host_pages_total,
                     host_pages_used=stats.host_pages_used,
+                    host_pages_retained=stats.host_pages_retained,
                 )
             )
             guided = rt.model.engine.guided_stats
