@@ -1,6 +1,7 @@
 """Agent Swarm at full width: 300 sub-agents × 5 steps against one server, three runs in a row.
 
     python bench/swarm.py [--agents 300] [--steps 5] [--runs 3] [--max-tokens 8] [--json]
+                          [--server-arg=--kv-cache-memory=33554432 ...]
 
 Starts ``kimi-grpc serve`` on the demo checkpoint (localhost, CPU) and runs the swarm in this
 process with ScriptedDecisions (the demo cannot plan; every AgentStep is still served for real).
@@ -9,6 +10,9 @@ second, prefix-cache share of prompt tokens from GetServerStatus), the orchestra
 step (this process's CPU time — orchestrator, gRPC client, journal — over the steps; goal < 1 ms),
 and the server's resident memory: after loading, peak during the run, after the run. Goals: the
 peak growth stays within the KV cache budget, and RSS after run 3 ≈ after run 1 (no leak).
+``--server-arg`` passes flags to the server (e.g. a small ``--kv-cache-memory`` and
+``--host-kv-cache-memory``: the KV-tier figures of issue 17 — per run, prompt tokens recomputed
+and the pages served from host, from GetServerStatus).
 """
 
 from __future__ import annotations
@@ -93,9 +97,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--server-arg", action="append", default=[], help="a flag for the server")
     args = ap.parse_args()
 
-    server = start_server("--max-num-seqs", "256", "--max-queued-requests", "256")
+    server = start_server("--max-num-seqs", "256", "--max-queued-requests", "256", *args.server_arg)
     results = []
     try:
         client = KimiClient(server.target)
@@ -118,6 +123,9 @@ def main() -> None:
                     rss_peak_mib=peak / MIB,
                     rss_after_mib=psutil.Process(server.proc.pid).memory_info().rss / MIB,
                     kv_pages_used_after=after.kv_pages_used,
+                    recomputed_prompt_tokens=prompt - cached,
+                    host_hit_pages=after.kv_tiers.host_hit_pages - before.kv_tiers.host_hit_pages,
+                    preemptions=after.num_preemptions - before.num_preemptions,
                 )
                 results.append(run)
         client.close()
@@ -147,6 +155,7 @@ def main() -> None:
     print(f"server RSS after load {rss_loaded / MIB:.0f} MiB; KV budget {kv_bytes / MIB:.0f} MiB")
     print(
         "run  wall s  steps/s  gen tok/s  prefill tok/s  cached  orch ms/step  RSS peak/after MiB"
+        "  recomputed  host pages  preempt  pages after"
     )
     for i, r in enumerate(results):
         print(
@@ -154,6 +163,8 @@ def main() -> None:
             f"{r['generated_tokens_per_s']:9.1f}  {r['computed_prompt_tokens_per_s']:13.1f}  "
             f"{r['cached_share']:6.1%}  {r['orchestrator_cpu_ms_per_step']:12.3f}  "
             f"{r['rss_peak_mib']:.0f} / {r['rss_after_mib']:.0f}"
+            f"  {r['recomputed_prompt_tokens']:>10}  {r['host_hit_pages']:>10}"
+            f"  {r['preemptions']:>7}  {r['kv_pages_used_after']:>11}"
         )
 
 

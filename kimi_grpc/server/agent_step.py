@@ -472,8 +472,8 @@ class AgentStep:
         result = parser.result
         if finish_reason == "stop" and result.tool_calls:
             finish_reason = "tool_calls"
-        if self.request.session_id:  # the host tier keeps a tool-waiting session's pages
-            if finish_reason == "tool_calls":
+        if self.request.session_id:  # the host tier keeps a session's pages for its next step
+            if finish_reason in ("tool_calls", "length"):  # a tool runs / the turn goes on
                 llm.retain_session(self.request.session_id)
             elif finish_reason == "stop":  # the session's answer: nothing left to keep
                 llm.release_session(self.request.session_id)
