@@ -221,3 +221,34 @@ def test_a_retained_session_resumes_from_host_not_recompute() -> None:
     plain_hits, plain_tokens = resume(False)
     assert retained_hits >= 4 and plain_hits == 0
     assert retained_tokens == plain_tokens
+
+
+def test_a_step_that_fails_mid_move_leaves_nothing_stale(reference, monkeypatch) -> None:
+    """A save that raises (an out-of-memory error, an interrupt) fails that generate; the moves
+    queued with it are dropped from both tiers, so the next generate still equals the reference
+    and no host page stays pinned."""
+    from kimi_grpc.model.kv_cache import HostKVPool
+
+    with make_llm(device_pages=24, host_pages=256) as llm:
+        assert llm.engine.stats().host_pages_total == 256  # reported while still empty
+        llm.generate(agent_prompts(0), GREEDY)
+        real_save, calls = HostKVPool.save, []
+
+        def failing_save(self, pools, moves):
+            if moves and not calls:
+                calls.append(len(moves))
+                raise MemoryError("injected")
+            return real_save(self, pools, moves)
+
+        monkeypatch.setattr(HostKVPool, "save", failing_save)
+        with pytest.raises(MemoryError):
+            llm.generate(agent_prompts(1), GREEDY)
+        assert calls
+        host = llm.engine.blocks.host
+        assert not any(host._pins)  # nothing left pinned
+        again = [
+            [o.outputs[0].token_ids for o in llm.generate(agent_prompts(r), GREEDY)]
+            for r in range(3)
+        ]
+        assert again == reference
+        assert llm.engine.blocks.num_used_pages == 0

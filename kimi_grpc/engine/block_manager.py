@@ -245,6 +245,19 @@ class BlockManager:
         self.tier_stats.saved_pages += len(transfers.saves)
         self.tier_stats.loaded_pages += len(transfers.loads)
 
+    def transfers_failed(self, transfers: Transfers) -> None:
+        """The step raised before its copies were surely made: nothing they were to fill may
+        serve a hit — the saves' host entries are dropped, the loads' device pages lose the
+        entries they were registered with (their holders are being aborted anyway)."""
+        for _, host_page in transfers.saves:
+            self.host.unpin(host_page)
+            self.host.forget(host_page)
+        for host_page, page in transfers.loads:
+            self.host.unpin(host_page)
+            if self._entry[page] is not None:
+                self._unregister(page)
+            self._alias.pop(page, None)
+
     def reset_prefix_cache(self) -> None:
         """Drop the cache entries of all unreferenced pages (referenced ones keep theirs)."""
         for page in [p for p in self._cache.values() if self._ref[p] == 0]:
@@ -281,7 +294,9 @@ class BlockManager:
                     hits.append((page, h))
                     parent_hash, parent = h, (page, self._gen[page])
                     continue
-                host_page = self.host.lookup(h, parent_hash, tokens) if self.host else None
+                host_page = None
+                if self.host is not None:
+                    host_page = self.host.lookup(h, parent_hash, tokens)
                 if host_page is None:
                     break
                 host_hits.append((host_page, h, parent_hash, tokens))

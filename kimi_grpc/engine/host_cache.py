@@ -121,6 +121,15 @@ class HostPageIndex:
         for h in hashes:
             self._retained.pop(h, None)
 
+    def forget(self, page: int) -> None:
+        """Drops ``page``'s entry (its bytes are not what the entry says); the page is free."""
+        entry = self._entry[page]
+        if entry is None:
+            return
+        del self._by_hash[entry.hash]
+        self._entry[page] = None
+        self._free.append(page)
+
     def pin(self, page: int) -> None:
         """A copy from or to ``page`` is pending: it may not be evicted until :meth:`unpin`."""
         self._pins[page] += 1

@@ -138,7 +138,9 @@ class LLMEngine:
         self.cache = executor.cache
         num_pages = self.cache.num_pages
         self.host_pool = executor.host  # every rank holds the same host pages
-        host_index = HostPageIndex(self.host_pool.pages.shape[0]) if self.host_pool else None
+        host_index = None
+        if self.host_pool is not None:
+            host_index = HostPageIndex(self.host_pool.pages.shape[0])
         self.blocks = BlockManager(
             num_pages,
             config.page_size,
@@ -343,6 +345,7 @@ class LLMEngine:
         return bool(self.requests)
 
     def stats(self) -> EngineStats:
+        host = self.blocks.host
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -352,11 +355,11 @@ class LLMEngine:
             page_size=self.blocks.page_size,
             num_preemptions=self.scheduler.num_preemptions,
             tiers=dataclasses.replace(self.blocks.tier_stats),
-            host_pages_total=self.blocks.host.num_pages if self.blocks.host else 0,
-            host_pages_used=len(self.blocks.host) if self.blocks.host else 0,
-            host_pages_retained=self.blocks.host.num_retained if self.blocks.host else 0,
-            bytes_saved=self.host_pool.bytes_saved if self.host_pool else 0,
-            bytes_loaded=self.host_pool.bytes_loaded if self.host_pool else 0,
+            host_pages_total=host.num_pages if host is not None else 0,
+            host_pages_used=len(host) if host is not None else 0,
+            host_pages_retained=host.num_retained if host is not None else 0,
+            bytes_saved=self.host_pool.bytes_saved if self.host_pool is not None else 0,
+            bytes_loaded=self.host_pool.bytes_loaded if self.host_pool is not None else 0,
         )
 
     # ---- the step -------------------------------------------------------------------------------
@@ -376,15 +379,20 @@ class LLMEngine:
         rows = [
             r for r, (s, n) in enumerate(out.scheduled) if s.num_computed_tokens + n == s.num_tokens
         ]
-        pending = self.mask_filler.start(
-            [
-                (i, seq.sampling.guide, seq.sampling.stop_token_ids)
-                for i, seq in enumerate(out.scheduled[r][0] for r in rows)
-                if seq.sampling.guide is not None
-            ]
-        )
-        t2 = time.perf_counter()
-        logits = self.runner.forward(batch)
+        try:
+            pending = self.mask_filler.start(
+                [
+                    (i, seq.sampling.guide, seq.sampling.stop_token_ids)
+                    for i, seq in enumerate(out.scheduled[r][0] for r in rows)
+                    if seq.sampling.guide is not None
+                ]
+            )
+            t2 = time.perf_counter()
+            logits = self.runner.forward(batch)
+        except BaseException:  # the moves may not have been made: their entries must not serve
+            if transfers:
+                self.blocks.transfers_failed(transfers)
+            raise
         if transfers:
             self.blocks.transfers_done(transfers)
         t3 = time.perf_counter()

@@ -66,13 +66,20 @@ class LatentKVCache:
         return -(-num_tokens // self.page_size)
 
 
+MOVE_CHUNK_PAGES = 32  # pages per copy: bounds the device temporaries (32 K2.6 pages: 144 MiB)
+
+
 class HostKVPool:
     """The host tier's bytes: ``[num_pages, layers, page_size, kv_cache_dim]``, page-first, so a
-    page moves in one contiguous copy (pinned on CUDA for asynchronous copies). Which page holds
-    what is ``engine.host_cache.HostPageIndex``'s business; this class only copies.
+    page's layers sit together. Which page holds what is ``engine.host_cache.HostPageIndex``'s
+    business; this class only copies, ``MOVE_CHUNK_PAGES`` at a time (one step may move most of
+    the device pool: the temporaries stay bounded).
 
     Copies run on the current stream, in the order issued: a page saved from the device before
-    a fresh allocation overwrites it, a page loaded before the forward that reads it.
+    a fresh allocation overwrites it, a page loaded before the forward that reads it. The pool is
+    ordinary (pageable) memory: torch's pinned allocator rounds a size up to a power of two (up
+    to 2x the host memory), and these copies are synchronous anyway (overlapping them with the
+    forward through a pinned staging buffer is future work).
     """
 
     def __init__(
@@ -82,12 +89,11 @@ class HostKVPool:
         *,
         page_size: int,
         dtype: torch.dtype,
-        pin_memory: bool = False,
     ) -> None:
         if num_pages < 1:
             raise ValueError(f"a host pool needs at least one page, got {num_pages}")
         shape = (num_pages, config.num_hidden_layers, page_size, config.kv_cache_dim)
-        self.pages = torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+        self.pages = torch.zeros(shape, dtype=dtype)
         self.bytes_per_page = self.pages[0].numel() * self.pages.element_size()
         self.bytes_saved = 0
         self.bytes_loaded = 0
@@ -98,23 +104,23 @@ class HostKVPool:
 
     def save(self, pools: list[torch.Tensor], moves: list[tuple[int, int]]) -> None:
         """Device page -> host page for each ``(device_page, host_page)``."""
-        if not moves:
-            return
         device = pools[0].device
-        src = torch.tensor([d for d, _ in moves], dtype=torch.int64, device=device)
-        dst = torch.tensor([h for _, h in moves], dtype=torch.int64)
-        pages = torch.stack([pool.index_select(0, src) for pool in pools], dim=1)  # [n, L, P, D]
-        self.pages.index_copy_(0, dst, pages.to("cpu"))
+        for at in range(0, len(moves), MOVE_CHUNK_PAGES):
+            chunk = moves[at : at + MOVE_CHUNK_PAGES]
+            src = torch.tensor([d for d, _ in chunk], dtype=torch.int64, device=device)
+            dst = torch.tensor([h for _, h in chunk], dtype=torch.int64)
+            for layer, pool in enumerate(pools):  # [n, P, D] per layer
+                self.pages[:, layer].index_copy_(0, dst, pool.index_select(0, src).to("cpu"))
         self.bytes_saved += len(moves) * self.bytes_per_page
 
     def load(self, pools: list[torch.Tensor], moves: list[tuple[int, int]]) -> None:
         """Host page -> device page for each ``(host_page, device_page)``."""
-        if not moves:
-            return
         device = pools[0].device
-        src = torch.tensor([h for h, _ in moves], dtype=torch.int64)
-        dst = torch.tensor([d for _, d in moves], dtype=torch.int64, device=device)
-        pages = self.pages.index_select(0, src).to(device, non_blocking=True)  # [n, L, P, D]
-        for layer, pool in enumerate(pools):
-            pool.index_copy_(0, dst, pages[:, layer])
+        for at in range(0, len(moves), MOVE_CHUNK_PAGES):
+            chunk = moves[at : at + MOVE_CHUNK_PAGES]
+            src = torch.tensor([h for h, _ in chunk], dtype=torch.int64)
+            dst = torch.tensor([d for _, d in chunk], dtype=torch.int64, device=device)
+            pages = self.pages.index_select(0, src).to(device)  # [n, L, P, D]
+            for layer, pool in enumerate(pools):
+                pool.index_copy_(0, dst, pages[:, layer])
         self.bytes_loaded += len(moves) * self.bytes_per_page

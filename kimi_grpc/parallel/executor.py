@@ -57,7 +57,6 @@ class RankExecutor:
                 ),
                 page_size=config.page_size,
                 dtype=model.dtype,
-                pin_memory=model.device.type == "cuda",
             )
 
     @classmethod
@@ -76,14 +75,26 @@ class RankExecutor:
         model = KimiForCausalLM.from_checkpoint(path, dtype=dtype, device=device, ctx=ctx)
         return cls(model, config, agree)
 
+    def _check_moves(self, batch: ForwardBatch) -> None:
+        """Page ids in range on this rank (a bad id would be a device-side assert on CUDA)."""
+        if self.host is None:
+            raise ValueError("the batch moves KV pages but this rank has no host tier")
+        device_pages, host_pages = self.cache.num_pages, self.host.pages.shape[0]
+        pairs = [(d, h) for d, h in batch.kv_saves] + [(d, h) for h, d in batch.kv_loads]
+        for device_page, host_page in pairs:
+            if not (0 <= device_page < device_pages and 0 <= host_page < host_pages):
+                raise ValueError(
+                    f"KV move between device page {device_page} and host page {host_page}: "
+                    f"this rank has {device_pages} device and {host_pages} host pages"
+                )
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits ``[num_sequences, vocab]`` at each sequence's last new token; writes the
         batch's latents into the cache. The batch's host-tier moves come first: saves (a page
         about to be overwritten), then loads (pages the forward reads). Under tensor parallelism
         every rank must call it with the same batch (the layers' collectives pair up)."""
         if batch.kv_saves or batch.kv_loads:
-            if self.host is None:
-                raise ValueError("the batch moves KV pages but this rank has no host tier")
+            self._check_moves(batch)
             self.host.save(self.cache.pools, batch.kv_saves)
             self.host.load(self.cache.pools, batch.kv_loads)
         return self.model(batch, self.cache.pools)
