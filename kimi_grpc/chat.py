@@ -43,6 +43,7 @@ import jinja2.utils
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from kimi_grpc.config import DEFAULT_VIDEO_PLACEHOLDER
 from kimi_grpc.tokenizer import KimiTokenizer
 from kimi_grpc.tool_declaration_ts import (
     ToolDeclarationError,
@@ -61,7 +62,6 @@ RESERVED_TEMPLATE_VARS = frozenset(
     | {"raise_exception", "strftime_now", "dict", "namespace"}
 )
 MAX_JSON_DEPTH = 64  # nesting limit for arguments / tool schemas / kwargs (no RecursionError)
-DEFAULT_VIDEO_PLACEHOLDER = "<|kimi_k25_video_placeholder|>"  # config.json video_placeholder
 MEDIA_PART_TYPES = {"image": "image", "image_url": "image", "video": "video", "video_url": "video"}
 
 
@@ -502,7 +502,7 @@ class ChatRenderer:
     ) -> RenderedChat:
         """Validate, normalise, render and tokenize one chat (see the module docstring).
 
-        ``video_prompts``: one per video part, in order (``ProcessedVideo.prompt``), each
+        ``video_prompts``: one per video part, in order (``media.request.video_prompts``), each
         replacing that video's placeholder before tokenization, as Moonshot's processor does."""
         flags = {
             "add_generation_prompt": add_generation_prompt,

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from kimi_grpc import envs
-from kimi_grpc.config import VisionConfig, parse_model_config
+from kimi_grpc.config import DEFAULT_VIDEO_PLACEHOLDER, VisionConfig, parse_model_config
 from kimi_grpc.int4 import pack_int4
 from kimi_grpc.tokenizer import KimiTokenizer, demo_tokenizer_dir
 
@@ -155,7 +155,6 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-VIDEO_PLACEHOLDER = "<|kimi_k25_video_placeholder|>"
 
 # K2.6's preprocessor_config.json ``media_proc_cfg`` (kimi-vision-spec.md §1.2).
 K26_MEDIA_PROC_CFG: dict[str, Any] = {
@@ -236,7 +235,7 @@ def preset_config(preset: str, tokenizer: KimiTokenizer) -> dict[str, Any]:
         config.update(
             ignore_index=-100,
             use_unified_vision_chunk=True,
-            video_placeholder=VIDEO_PLACEHOLDER,
+            video_placeholder=DEFAULT_VIDEO_PLACEHOLDER,
             vision_config=vision,
         )
     return config

@@ -569,3 +569,35 @@ def test_template_syntax_errors_are_chat_errors(tok: KimiTokenizer, source: Any)
     with pytest.raises(ChatError) as info:
         ChatRenderer(source, tok)
     assert info.value.field == "chat_template"
+
+
+def test_video_placeholders_are_replaced_before_tokenizing(tok: KimiTokenizer) -> None:
+    """Each video part's placeholder (the template's, in order) becomes that video's prompt in
+    the rendered text; client text spelling the placeholder stays text; counts must agree."""
+    image = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
+    placeholder = "<|kimi_k25_video_placeholder|>"
+    renderer = ChatRenderer(BUNDLED_TEMPLATE_PATH.read_text(encoding="utf-8"), tok)
+    content = [
+        {"type": "text", "text": "Describe"},
+        {"type": "image"},
+        {"type": "video"},
+        {"type": "text", "text": f"and {placeholder}"},
+        {"type": "video_url"},
+    ]
+    out = renderer.render([{"role": "user", "content": content}], video_prompts=["A", "B"])
+    assert f"Describe{image}\nA\nand {placeholder}B\n" in out.text
+    assert [ref.kind for ref in out.media] == ["image", "video", "video"]
+    with pytest.raises(ChatError) as info:
+        renderer.render([{"role": "user", "content": content}], video_prompts=["A"])
+    assert info.value.field == "messages"
+
+    kite = "<|kite_video_placeholder|>"
+    custom = ChatRenderer(f"x{kite}", tok, video_placeholder=kite)
+    assert (
+        custom.render([{"role": "user", "content": [{"type": "video"}]}], video_prompts=["V"]).text
+        == "xV"
+    )
+    plain = ChatRenderer("plain", tok)
+    with pytest.raises(ChatError, match="0 video placeholders for 1 video parts") as info:
+        plain.render([{"role": "user", "content": [{"type": "video"}]}], video_prompts=["V"])
+    assert info.value.field == "chat_template"

@@ -17,7 +17,6 @@ from kimi_grpc.media import (
     expand_media_pads,
     item_hash,
     plan_sampling,
-    replace_video_placeholders,
     sample_frame_indices,
     timestamp_str,
     video_chunk_prompt,
@@ -128,25 +127,6 @@ def test_prompt_strings():
         "00:00:00.000<|media_begin|>video<|media_content|><|media_pad|><|media_end|>" + VIDEO_CHUNK
     )
     assert video_prompt([]) == ""
-
-
-def test_replace_video_placeholders():
-    text = (
-        "<|im_user|>user<|im_middle|>Describe"
-        + IMAGE_PROMPT
-        + "\n<|kimi_k25_video_placeholder|>\nand<|kimi_k25_video_placeholder|>\n<|im_end|>"
-    )
-    out = replace_video_placeholders(text, ["A", "B"])
-    assert out == ("<|im_user|>user<|im_middle|>Describe" + IMAGE_PROMPT + "\nA\nandB\n<|im_end|>")
-    assert replace_video_placeholders("no video", []) == "no video"
-    kite = replace_video_placeholders(
-        "x<|kite_video_placeholder|>", ["V"], "<|kite_video_placeholder|>"
-    )
-    assert kite == "xV"
-    with pytest.raises(MediaError, match="2 video placeholders for 1 videos"):
-        replace_video_placeholders(text, ["A"])
-    with pytest.raises(MediaError, match="0 video placeholders for 1 videos"):
-        replace_video_placeholders("plain", ["A"])
 
 
 def test_expand_media_pads():

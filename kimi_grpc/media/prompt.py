@@ -5,8 +5,8 @@ Order of operations (Moonshot's ``KimiK25Processor``):
 
 1. the chat template renders an image part as :data:`IMAGE_PROMPT` and a video part as the
    checkpoint's video placeholder (``<|kimi_k25_video_placeholder|>``);
-2. :func:`replace_video_placeholders` substitutes each placeholder, in order, by that video's
-   :func:`video_prompt`: one ``{timestamp}<|media_begin|>video<|media_content|><|media_pad|>
+2. ``ChatRenderer.render(video_prompts=...)`` substitutes each placeholder, in order, by that
+   video's :func:`video_prompt`: one ``{timestamp}<|media_begin|>video<|media_content|><|media_pad|>
    <|media_end|>`` per chunk, concatenated with no separator;
 3. tokenize (one ``<|media_pad|>`` id per image / chunk);
 4. :func:`expand_media_pads` repeats each pad id N times (N = that chunk's token count), images
@@ -25,7 +25,6 @@ MEDIA_CONTENT = "<|media_content|>"
 MEDIA_END = "<|media_end|>"
 MEDIA_PAD = "<|media_pad|>"
 MEDIA_PAD_ID = 163605  # config.json media_placeholder_token_id (K2.5 / K2.6)
-VIDEO_PLACEHOLDER = "<|kimi_k25_video_placeholder|>"  # config.json video_placeholder (K2.5/2.6)
 IMAGE_PROMPT = f"{MEDIA_BEGIN}image{MEDIA_CONTENT}{MEDIA_PAD}{MEDIA_END}"
 
 
@@ -37,23 +36,6 @@ def video_chunk_prompt(timestamp: str) -> str:
 def video_prompt(timestamps: Sequence[str]) -> str:
     """A whole video: its chunks' prompts concatenated (no separator)."""
     return "".join(video_chunk_prompt(ts) for ts in timestamps)
-
-
-def replace_video_placeholders(
-    text: str, video_prompts: Sequence[str], placeholder: str = VIDEO_PLACEHOLDER
-) -> str:
-    """Replaces the i-th ``placeholder`` in ``text`` by ``video_prompts[i]``; the counts must
-    match (a rendered prompt always has one placeholder per video part)."""
-    parts = text.split(placeholder)
-    if len(parts) - 1 != len(video_prompts):
-        raise MediaError(
-            f"the prompt has {len(parts) - 1} video placeholders for {len(video_prompts)} videos"
-        )
-    out = [parts[0]]
-    for prompt, rest in zip(video_prompts, parts[1:], strict=True):
-        out.append(prompt)
-        out.append(rest)
-    return "".join(out)
 
 
 @dataclass(frozen=True)

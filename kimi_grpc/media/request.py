@@ -22,7 +22,7 @@ from kimi_grpc.chat import MEDIA_PART_TYPES, ChatRenderer, RenderedChat
 from kimi_grpc.config import ConfigError, VisionConfig
 from kimi_grpc.media.chunk import MediaKind, VisionChunk
 from kimi_grpc.media.config import PREPROCESSOR_CONFIG, MediaConfig, MediaLimits
-from kimi_grpc.media.errors import TOO_LARGE, UNSUPPORTED, MediaError
+from kimi_grpc.media.errors import UNSUPPORTED, MediaError
 from kimi_grpc.media.image import preprocess_image
 from kimi_grpc.media.prompt import MEDIA_PAD, MEDIA_PAD_ID, expand_media_pads, video_prompt
 from kimi_grpc.media.video import preprocess_video
@@ -102,14 +102,11 @@ def preprocess_media(
 ) -> list[PreparedMedia]:
     """Decodes and preprocesses every part (blocking: seconds for a long video), charging each
     against the request's ``max_media_tokens`` before its pixels are decoded."""
-    if len(inputs) > limits.max_items:
+    try:
+        limits.check_items(len(inputs))
+    except MediaError as exc:  # named by the first part over the limit
         where = inputs[limits.max_items].field
-        raise MediaError(
-            f"{where}: {len(inputs)} media items in one request, over the limit of "
-            f"{limits.max_items}",
-            reason=TOO_LARGE,
-            field=where,
-        )
+        raise MediaError(f"{where}: {exc.message}", reason=exc.reason, field=where) from None
     left = limits.max_media_tokens
     prepared: list[PreparedMedia] = []
     for item in inputs:
