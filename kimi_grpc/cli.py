@@ -57,6 +57,15 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
         help="routed experts: tp = a slice of every expert per rank (lowest latency at small "
         "batch), ep = whole experts per rank (docs/PARALLEL.md)",
     )
+    g.add_argument(
+        "--decode-context-parallel-size",
+        "-dcp",
+        type=int,
+        default=1,
+        help="ranks (dividing the TP size) that share one copy of the KV cache, each holding "
+        "every N-th token: N times the context capacity, prefix caching at page_size x N tokens "
+        "(default 1: every rank holds every token; docs/PARALLEL.md)",
+    )
     g.add_argument("--nnodes", type=int, help="nodes (env NNODES; default 1)")
     g.add_argument("--node-rank", type=int, help="this node's index (env NODE_RANK; default 0)")
     g.add_argument("--master-addr", help="rank 0's address (env MASTER_ADDR; default loopback)")
@@ -75,6 +84,7 @@ def parallel_config(args: argparse.Namespace):
     return ParallelConfig.from_env(
         tensor_parallel_size=args.tensor_parallel_size,
         moe_parallel=args.moe_parallel,
+        decode_context_parallel_size=args.decode_context_parallel_size,
         nnodes=args.nnodes,
         node_rank=args.node_rank,
         master_addr=args.master_addr,

@@ -178,3 +178,49 @@ def test_host_tier_larger_than_host_memory_is_refused(kimi):
         plan(kimi, ParallelConfig(8), engine, BF16, "cuda", h200s(), host_available=int(1000 * GB))
     fits = plan(kimi, ParallelConfig(8), engine, BF16, "cuda", h200s(), host_available=int(2e12))
     assert fits.tensor_parallel_size == 8
+
+
+def test_decode_context_parallelism_multiplies_the_kv_tokens(kimi):
+    """DCP=8 stores each token on one rank of eight: the same per-rank budget holds 8x the
+    tokens (and the report says so)."""
+    engine = EngineConfig(kv_cache_memory=int(48 * GB))
+    tp8 = plan(kimi, ParallelConfig(8), engine, BF16, "cuda", h200s())
+    dcp8 = plan(
+        kimi, ParallelConfig(8, decode_context_parallel_size=8), engine, BF16, "cuda", h200s()
+    )
+    assert tp8.kv_tokens == int(48 * GB) // 70_272 == 683_060
+    assert dcp8.kv_tokens == 8 * tp8.kv_tokens
+    assert (tp8.max_concurrency(20_000), dcp8.max_concurrency(20_000)) == (34, 273)
+    assert "DCP=8" in dcp8.report() and "each rank holds 1/8" in dcp8.report()
+    # A max_model_len that one rank's replicated cache cannot hold fits once it is split.
+    long = EngineConfig(kv_cache_memory=int(10 * GB), max_model_len=262_144)
+    with pytest.raises(MemoryPlanError, match="replicated on every rank"):
+        plan(kimi, ParallelConfig(8), long, BF16, "cuda", h200s())
+    split = plan(
+        kimi, ParallelConfig(8, decode_context_parallel_size=2), long, BF16, "cuda", h200s()
+    )
+    assert split.kv_tokens >= 262_144
+
+
+def test_decode_context_parallel_layouts_it_cannot_serve_are_refused(kimi):
+    with pytest.raises(
+        ValueError, match="decode_context_parallel_size=3 must be a positive divisor"
+    ):
+        ParallelConfig(8, decode_context_parallel_size=3)
+    with pytest.raises(ValueError, match="a DCP group would span nodes"):
+        ParallelConfig(
+            8, decode_context_parallel_size=8, nnodes=2, master_addr="10.0.0.1", master_port=1
+        )
+    with pytest.raises(MemoryPlanError, match="needs page_size=64 .* got page_size=32"):
+        plan(
+            kimi,
+            ParallelConfig(8, decode_context_parallel_size=4),
+            EngineConfig(page_size=32),
+            BF16,
+            "cuda",
+            h200s(),
+        )
+    # The same page size without DCP, or on the CPU (the reference op takes any page), plans.
+    plan(kimi, ParallelConfig(8), EngineConfig(page_size=32), BF16, "cuda", h200s())
+    cpu = ParallelConfig(2, decode_context_parallel_size=2)
+    plan(kimi, cpu, EngineConfig(page_size=32, max_model_len=4096), BF16, "cpu", None)

@@ -31,14 +31,17 @@ def load_engine(
     dtype: str | torch.dtype = "auto",
     tensor_parallel_size: int = 1,
     moe_parallel: str = "tp",
+    decode_context_parallel_size: int = 1,
     parallel: ParallelConfig | None = None,
     **engine_args,
 ) -> LLMEngine:
     """Loads a checkpoint (a directory, a hub repo id, or the built-in demo when None).
 
     ``tensor_parallel_size > 1`` starts the other ranks of this node as worker processes (each
-    loads only its shard) and makes this process rank 0; ``parallel`` gives the full layout
-    (multi-node, timeouts) and overrides the two shorthand arguments. Workers use this
+    loads only its shard) and makes this process rank 0; ``decode_context_parallel_size=N``
+    shards the latent cache by token over groups of N of those ranks (N divides the TP size);
+    ``parallel`` gives the full layout (multi-node, timeouts) and overrides the shorthand
+    arguments. Workers use this
     process's hot-op backend.
     """
     from kimi_grpc import ops
@@ -46,7 +49,7 @@ def load_engine(
     from kimi_grpc.checkpoint_maker import demo_checkpoint
 
     if parallel is None:
-        parallel = ParallelConfig(tensor_parallel_size, moe_parallel)
+        parallel = ParallelConfig(tensor_parallel_size, moe_parallel, decode_context_parallel_size)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda: no CUDA device is available to this torch build")
     if device == "cuda" and torch.cuda.device_count() < parallel.local_size:
@@ -105,8 +108,9 @@ class LLM:
 
     Engine arguments (see ``EngineConfig``): ``kv_cache_memory``, ``max_num_seqs``,
     ``max_num_batched_tokens``, ``max_model_len``, ``enable_prefix_caching``, ``page_size``, ...
-    ``tensor_parallel_size=N`` (``moe_parallel="tp"|"ep"``) runs N ranks as N processes; call
-    :meth:`shutdown` (or use ``with LLM(...) as llm``) to stop them.
+    ``tensor_parallel_size=N`` (``moe_parallel="tp"|"ep"``, ``decode_context_parallel_size=D``)
+    runs N ranks as N processes; call :meth:`shutdown` (or use ``with LLM(...) as llm``) to stop
+    them.
     """
 
     def __init__(self, model: str | None = None, **kwargs) -> None:

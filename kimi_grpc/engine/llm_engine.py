@@ -143,7 +143,7 @@ class LLMEngine:
             host_index = HostPageIndex(self.host_pool.pages.shape[0])
         self.blocks = BlockManager(
             num_pages,
-            config.page_size,
+            executor.tokens_per_page,
             enable_prefix_caching=config.enable_prefix_caching,
             host=host_index,
         )

@@ -44,6 +44,8 @@ class ModelRunner:
             self.executor.cache.page_size,
             self.executor.model.device,
             media_rows=step_media.rows if step_media else (),
+            dcp_rank=self.executor.model.ctx.dcp_rank,
+            dcp_size=self.executor.model.ctx.dcp_size,
         )
         if step_media is not None:
             batch.media_embeds = step_media.embeds

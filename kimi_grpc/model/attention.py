@@ -10,7 +10,11 @@ and the rotated shared rope key ``k_pe`` (64): 576 values, whatever the head cou
   ``ops.mla_decode``, then apply ``W_UV`` to the latent output. No per-head keys are materialised.
 
 Heads are split across tensor-parallel ranks (``q_b_proj``/``kv_b_proj`` column-parallel,
-``o_proj`` row-parallel); the latent projections and the cache are replicated.
+``o_proj`` row-parallel); the latent projections are replicated. The cache is replicated too,
+unless decode context parallelism shards it by token over a DCP group of ranks
+(model/context_parallel.py): then decode all-gathers the group's absorbed queries, attends over
+the local share and merges the partials by their LSE in one reduce-scatter back to the heads'
+owners; prefill all-gathers the context's latents (each rank wrote only its own tokens).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 from kimi_grpc import ops
 from kimi_grpc.checkpoint import TensorSpec
 from kimi_grpc.config import ModelConfig
+from kimi_grpc.model.context_parallel import merge_weights
 from kimi_grpc.model.forward_batch import ForwardBatch
 from kimi_grpc.model.linear import Linear
 from kimi_grpc.model.norm import RMSNorm
@@ -47,6 +52,7 @@ class MLAttention(nn.Module):
                 f"tensor_parallel_size={ctx.tp_size}"
             )
         self.num_heads = c.num_attention_heads // ctx.tp_size  # local heads
+        self.ctx = ctx
         self.nope_dim, self.rope_dim, self.v_dim = (
             c.qk_nope_head_dim,
             c.qk_rope_head_dim,
@@ -102,9 +108,10 @@ class MLAttention(nn.Module):
         cos, sin = rope.cos_sin(batch.positions, x.dtype)
         q_pe = apply_rope(q_pe, cos, sin)  # [N, H, rope]
         k_pe = apply_rope(k_pe, cos, sin)  # [N, rope]
-        kv_cache.view(-1, kv_cache.shape[-1])[batch.slot_mapping] = torch.cat(
-            [self.kv_a_layernorm(c_kv), k_pe], dim=-1
-        ).to(kv_cache.dtype)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+        if batch.kv_rows is not None:  # DCP: this rank stores only the tokens it owns
+            latent = latent[batch.kv_rows]
+        kv_cache.view(-1, kv_cache.shape[-1])[batch.slot_mapping] = latent.to(kv_cache.dtype)
 
         out = x.new_empty(n, self.num_heads, self.v_dim)
         if batch.decode_seqs.numel():
@@ -127,15 +134,44 @@ class MLAttention(nn.Module):
         # q_nope: [B, H, nope], q_pe: [B, H, rope] -> [B, H, v]
         w_uk, w_uv = self._w_uk_uv()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
-        o_latent, _ = ops.mla_decode(
-            torch.cat([q_latent, q_pe], dim=-1),
-            kv_cache,
-            batch.block_tables[batch.decode_seqs],
-            batch.context_lens[batch.decode_seqs],
-            softmax_scale=self.scale,
-            kv_lora_rank=self.kv_lora_rank,
-        )
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
+        if self.ctx.dcp_size == 1:
+            o_latent, _ = ops.mla_decode(
+                q,
+                kv_cache,
+                batch.block_tables[batch.decode_seqs],
+                batch.context_lens[batch.decode_seqs],
+                softmax_scale=self.scale,
+                kv_lora_rank=self.kv_lora_rank,
+            )
+        else:
+            o_latent = self._decode_sharded(q, batch, kv_cache)
         return torch.einsum("bhc,hvc->bhv", o_latent, w_uv)
+
+    def _decode_sharded(
+        self, q: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        # q: [B, H, kv_lora + rope] for this rank's H heads -> o_latent [B, H, kv_lora]
+        n, (b, h, d) = self.ctx.dcp_size, q.shape
+        # Every head of the DCP group against this rank's share: [B, N*H, D], rank k's heads
+        # in block k.
+        q_group = self.ctx.dcp_all_gather(q).transpose(0, 1).reshape(b, n * h, d)
+        out = q.new_zeros(b, n * h, self.kv_lora_rank)
+        lse = torch.full((b, n * h), float("-inf"), dtype=torch.float32, device=q.device)
+        rows = batch.local_decode_rows  # decode sequences with tokens on this rank
+        if rows.numel():
+            seqs = batch.decode_seqs[rows]
+            out[rows], lse[rows] = ops.mla_decode(
+                q_group[rows],
+                kv_cache,
+                batch.block_tables[seqs],
+                batch.local_context_lens[seqs],
+                softmax_scale=self.scale,
+                kv_lora_rank=self.kv_lora_rank,
+            )
+        weights = merge_weights(self.ctx.dcp_all_gather(lse))[self.ctx.dcp_rank]  # [B, N*H]
+        partial = (out.float() * weights[..., None]).view(b, n, h, -1).transpose(0, 1)
+        return self.ctx.dcp_reduce_scatter(partial).to(q.dtype)  # [B, H, kv_lora]
 
     def _prefill(
         self,
@@ -147,9 +183,7 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         # q_nope: [S, H, nope], q_pe: [S, H, rope] for S new tokens -> [S, H, v]
         length = batch.context_lens_host[seq]
-        page_size = kv_cache.shape[1]
-        pages = batch.block_tables[seq, : (length + page_size - 1) // page_size].long()
-        cached = kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:length].to(q_nope.dtype)
+        cached = self._context_latents(batch, seq, kv_cache).to(q_nope.dtype)
         c_kv, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [L, *]
         kv = self.kv_b_proj(c_kv).view(length, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -169,6 +203,25 @@ class MLAttention(nn.Module):
             scale=self.scale,
         )[0]
         return o.transpose(0, 1)[..., : self.v_dim]
+
+    def _context_latents(
+        self, batch: ForwardBatch, seq: int, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Sequence ``seq``'s cached latents ``[context_len, kv_lora + rope]``, in position order
+        (under DCP: every rank's share, all-gathered and interleaved back)."""
+        length, page_size = batch.context_lens_host[seq], kv_cache.shape[1]
+        n = self.ctx.dcp_size
+        local = length if n == 1 else batch.local_context_lens_host[seq]
+        pages = batch.block_tables[seq, : (local + page_size - 1) // page_size].long()
+        mine = kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:local]
+        if n == 1:
+            return mine
+        # Rank r holds positions r, r + N, ...: pad every share to the longest, gather them as
+        # [N, per_rank, D] and read position j*N + r at [r, j].
+        padded = mine.new_zeros(-(-length // n), mine.shape[-1])
+        padded[:local] = mine
+        every = self.ctx.dcp_all_gather(padded)
+        return every.transpose(0, 1).reshape(-1, mine.shape[-1])[:length]
 
     def weight_specs(self, name: str) -> dict[str, TensorSpec]:
         specs: dict[str, TensorSpec] = {}

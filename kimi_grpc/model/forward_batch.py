@@ -4,6 +4,10 @@ Every sequence contributes ``query_len`` new tokens appended after ``context_len
 tokens already in its paged latent cache. Sequences with one new token take the absorbed-MLA
 decode path (``ops.mla_decode`` over the block table); longer ones take the prefill path, which
 also reads any cached prefix through the block table (prefix caching, chunked prefill).
+
+Under decode context parallelism (``dcp_size`` N > 1) each rank stores only the tokens it owns
+(model/context_parallel.py): the batch carries this rank's rows and slots, and how many of each
+sequence's tokens it holds. Every rank builds its own batch from the same host inputs.
 """
 
 from __future__ import annotations
@@ -12,12 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
+from kimi_grpc.model.context_parallel import local_length, local_slot
+
 
 @dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [N] int64, the new tokens of all sequences, sequence after sequence
     positions: torch.Tensor  # [N] int64, absolute position of each new token
-    slot_mapping: torch.Tensor  # [N] int64, cache slot (page * page_size + offset) of each token
+    # [K] int64, the local cache slot of each new token this rank stores (K = N without DCP:
+    # page * page_size + offset; model/context_parallel.py for the DCP layout)
+    slot_mapping: torch.Tensor
     block_tables: torch.Tensor  # [B, max_pages] int32
     context_lens: torch.Tensor  # [B] int32, tokens in the cache after this step
     query_lens: list[int]  # [B] new tokens per sequence (host)
@@ -28,7 +36,16 @@ class ForwardBatch:
     # The host inputs ``build`` was given (what tensor-parallel rank 0 broadcasts to the others).
     new_token_ids: list[list[int]]  # [B][query_len]
     block_tables_host: list[list[int]]  # [B][pages]
-    page_size: int
+    page_size: int  # tokens per local cache page
+    # Decode context parallelism: this rank's place in its DCP group; the flat tokens it stores
+    # (None: all of them, dcp_size 1); the tokens of each sequence in its cache after the step;
+    # the decode sequences (index into decode_seqs) with at least one of them.
+    dcp_rank: int = 0
+    dcp_size: int = 1
+    kv_rows: torch.Tensor | None = None  # [K] int64
+    local_context_lens: torch.Tensor | None = None  # [B] int32
+    local_context_lens_host: list[int] = ()
+    local_decode_rows: torch.Tensor | None = None  # [B_decode_local] int64
     # Vision embeddings: ``media_embeds[i]`` replaces the embedding of flat token
     # ``media_rows[i]`` (an image / video position). Under tensor parallelism only rank 0 has
     # the embeddings (None on the others, which receive them from rank 0 in the forward).
@@ -51,13 +68,20 @@ class ForwardBatch:
         media_rows: list[int] = (),
         kv_saves: list[tuple[int, int]] = (),
         kv_loads: list[tuple[int, int]] = (),
+        dcp_rank: int = 0,
+        dcp_size: int = 1,
     ) -> ForwardBatch:
         """``token_ids[b]`` are sequence b's new tokens; it holds ``context_lens[b]`` tokens after
-        the step, stored in pages ``block_tables[b]``. ``media_rows``: the flat tokens whose
-        embeddings are vision embeddings (ascending; set ``media_embeds`` on rank 0)."""
+        the step, stored in pages ``block_tables[b]`` of ``page_size × dcp_size`` tokens each
+        (``page_size`` of them on this rank). ``media_rows``: the flat tokens whose embeddings
+        are vision embeddings (ascending; set ``media_embeds`` on rank 0)."""
+        if not 0 <= dcp_rank < dcp_size:
+            raise ValueError(f"dcp_rank={dcp_rank} outside dcp_size={dcp_size}")
+        span = page_size * dcp_size  # tokens per block-table page
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        kv_rows: list[int] = []
         query_lens: list[int] = []
         decode_seqs: list[int] = []
         decode_tokens: list[int] = []
@@ -67,14 +91,16 @@ class ForwardBatch:
             n = len(new)
             if n == 0 or n > total:
                 raise ValueError(f"sequence {b}: {n} new tokens with context length {total}")
-            if len(pages) * page_size < total:
+            if len(pages) * span < total:
                 raise ValueError(f"sequence {b}: {len(pages)} pages cannot hold {total} tokens")
             if n == 1:
                 decode_seqs.append(b)
                 decode_tokens.append(len(ids))
-            for pos in range(total - n, total):
+            for row, pos in enumerate(range(total - n, total), start=len(ids)):
                 positions.append(pos)
-                slots.append(pages[pos // page_size] * page_size + pos % page_size)
+                if pos % dcp_size == dcp_rank:
+                    kv_rows.append(row)
+                    slots.append(local_slot(pos, pages, page_size, dcp_size))
             ids.extend(new)
             query_lens.append(n)
             last.append(len(ids) - 1)
@@ -88,7 +114,19 @@ class ForwardBatch:
 
         if media_rows and not all(0 <= r < len(ids) for r in media_rows):
             raise ValueError(f"media rows outside the batch's {len(ids)} tokens")
+        local_lens = [local_length(total, dcp_rank, dcp_size) for total in context_lens]
+        sharded = dcp_size > 1
         return cls(
+            dcp_rank=dcp_rank,
+            dcp_size=dcp_size,
+            kv_rows=longs(kv_rows) if sharded else None,
+            local_context_lens=(
+                torch.tensor(local_lens, dtype=torch.int32, device=device) if sharded else None
+            ),
+            local_context_lens_host=local_lens,
+            local_decode_rows=(
+                longs([i for i, b in enumerate(decode_seqs) if local_lens[b]]) if sharded else None
+            ),
             media_rows=longs(list(media_rows)) if media_rows else None,
             media_rows_host=list(media_rows),
             kv_saves=list(kv_saves),

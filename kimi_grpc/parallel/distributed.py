@@ -2,7 +2,8 @@
 
 Ranks: ``tensor_parallel_size`` processes over ``nnodes`` nodes, ``local_size`` per node; global
 rank = ``node_rank * local_size + local_rank``; rank 0 (node 0) runs the scheduler, the sampler
-and the gRPC server. Three groups:
+and the gRPC server. Three groups (plus, with ``decode_context_parallel_size`` N > 1, one group of
+N consecutive ranks per N, on the model group's backend, for the DCP attention collectives):
 
 * WORLD (gloo, ``startup_timeout``): rendezvous and the post-load agreement, which waits for the
   slowest rank's weight loading;
@@ -29,6 +30,8 @@ from kimi_grpc.parallel.state import MOE_PARALLEL_MODES, MoEParallel, ParallelCo
 class ParallelConfig:
     tensor_parallel_size: int = 1
     moe_parallel: MoEParallel = "tp"
+    # Ranks sharing one copy of the latent cache, each holding every N-th token (1: replicated).
+    decode_context_parallel_size: int = 1
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
@@ -47,6 +50,17 @@ class ParallelConfig:
             raise ValueError(f"node_rank={self.node_rank} outside nnodes={nodes}")
         if self.moe_parallel not in MOE_PARALLEL_MODES:
             raise ValueError(f"moe_parallel={self.moe_parallel!r}: expected tp or ep")
+        dcp = self.decode_context_parallel_size
+        if not isinstance(dcp, int) or dcp < 1 or tp % dcp:
+            raise ValueError(
+                f"decode_context_parallel_size={dcp!r} must be a positive divisor of "
+                f"tensor_parallel_size={tp} (the DCP groups are made of TP ranks)"
+            )
+        if (tp // nodes) % dcp:
+            raise ValueError(
+                f"decode_context_parallel_size={dcp} does not divide the {tp // nodes} ranks per "
+                "node: a DCP group would span nodes (its collectives run in every layer)"
+            )
         if nodes > 1 and self.master_port == 0:
             raise ValueError("multi-node needs --master-addr and --master-port (or MASTER_PORT)")
         if not 0 <= self.master_port < 65536:
@@ -133,8 +147,21 @@ def init_groups(config: ParallelConfig, rank: int, device: torch.device) -> Rank
     control = dist.new_group(backend="gloo", timeout=step_timeout)
     backend = "nccl" if device.type == "cuda" else "gloo"
     model = dist.new_group(backend=backend, timeout=step_timeout)
+    dcp, dcp_group = config.decode_context_parallel_size, None
+    if dcp > 1:  # every rank creates every group, in the same order
+        for first in range(0, world, dcp):
+            group = dist.new_group(
+                list(range(first, first + dcp)), backend=backend, timeout=step_timeout
+            )
+            if first <= rank < first + dcp:
+                dcp_group = group
     ctx = ParallelContext(
-        tp_rank=rank, tp_size=world, group=model, moe_parallel=config.moe_parallel
+        tp_rank=rank,
+        tp_size=world,
+        group=model,
+        moe_parallel=config.moe_parallel,
+        dcp_size=dcp,
+        dcp_group=dcp_group,
     )
     return RankGroups(rank, ctx, control)
 

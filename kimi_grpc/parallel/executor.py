@@ -4,7 +4,9 @@ Every tensor-parallel rank builds its executor the same way — rank 0 in ``engi
 the others in ``parallel.worker.run_worker`` — and runs the same forward on the same
 ``ForwardBatch``. Invariant: every rank allocates the same number of pages of the same size, so a
 page id in a block table names the same slot in every rank's cache; each rank's page count is what
-its own budget holds, agreed to the minimum over the ranks before anyone allocates.
+its own budget holds, agreed to the minimum over the ranks before anyone allocates. Under decode
+context parallelism a page id names a block of ``page_size × dcp_size`` tokens of which each DCP
+rank's local page holds its ``page_size`` (model/context_parallel.py).
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class RankExecutor:
         ranks; None: the whole model), then its cache."""
         model = KimiForCausalLM.from_checkpoint(path, dtype=dtype, device=device, ctx=ctx)
         return cls(model, config, agree)
+
+    @property
+    def tokens_per_page(self) -> int:
+        """Tokens one block-table page holds across the DCP group (the block manager's page)."""
+        return self.cache.page_size * self.model.ctx.dcp_size
 
     def _check_moves(self, batch: ForwardBatch) -> None:
         """Page ids in range on this rank (a bad id would be a device-side assert on CUDA)."""

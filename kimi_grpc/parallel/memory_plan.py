@@ -7,15 +7,18 @@ Computed before any weight is loaded, from the checkpoint's config and the shard
   the vision tower + projector of a checkpoint that has one (~0.9 GB on K2.6: rank 0 alone runs
   it) — the plan is rank 0's, the fullest rank;
 * KV bytes per token: ``layers × (kv_lora_rank + rope_dim) × dtype bytes`` (70,272 for Kimi in
-  bf16), the same on every rank (the latent cache is replicated under TP);
+  bf16), stored on every rank (the latent cache is replicated under TP) or, with decode context
+  parallelism N, on one rank of each group of N (so the ranks' budgets hold N times the tokens);
 * KV budget per rank: ``kv_cache_memory`` when given, else ``(free − weights) ×
   kv_cache_memory_fraction`` on a GPU (free from cuda-python; without it the engine measures the
   budget after loading, as before), and 2 GiB on the CPU;
-* tokens = budget / bytes per token; concurrency at a context = tokens // context.
+* tokens = budget / bytes per token × N; concurrency at a context = tokens // context.
 
 It refuses with a message naming the numbers when the weights do not fit, when one
 ``max_model_len`` sequence (asked for explicitly) does not fit in the KV budget, when the node has
-fewer GPUs than local ranks, when two of those GPUs lack peer access, or when the host KV tier
+fewer GPUs than local ranks, when two of those GPUs lack peer access, when decode context
+parallelism runs on CUDA with a page size the MLA decode kernel does not take (it would fall back
+to the per-sequence reference loop), or when the host KV tier
 (``host_kv_cache_memory`` per rank, every local rank holding its own) exceeds the host memory
 available.
 """
@@ -37,6 +40,7 @@ from kimi_grpc.parallel.state import ParallelContext
 
 logger = logging.getLogger("kimi_grpc.parallel")
 GB = 1e9
+CUDA_MLA_PAGE_SIZE = 64  # kMlaPageSize in csrc/cuda/mla_decode.cuh (the kernel's tile)
 REPORT_CONTEXTS = (4096, 32768, 131072, 262144)
 
 
@@ -53,19 +57,22 @@ class MemoryPlan:
     kv_budget_bytes: int | None  # per rank (None: measured after loading)
     max_model_len: int
     free_bytes: int | None  # free GPU memory per rank before loading (None: not known)
+    decode_context_parallel_size: int = 1  # ranks that split one copy of the cache by token
 
     @property
     def kv_tokens(self) -> int:
         if self.kv_budget_bytes is None:
             raise ValueError("the KV budget is only known after loading")
-        return self.kv_budget_bytes // self.kv_bytes_per_token
+        return self.kv_budget_bytes // self.kv_bytes_per_token * self.decode_context_parallel_size
 
     def max_concurrency(self, context: int) -> int:
         return self.kv_tokens // context
 
     def report(self) -> str:
+        dcp = self.decode_context_parallel_size
+        layout = f"TP={self.tensor_parallel_size}" + (f", DCP={dcp}" if dcp > 1 else "")
         head = (
-            f"memory plan (TP={self.tensor_parallel_size}, moe {self.moe_parallel}): weights "
+            f"memory plan ({layout}, moe {self.moe_parallel}): weights "
             f"{self.weight_bytes_per_rank / GB:.3f} GB per rank"
         )
         if self.kv_budget_bytes is None:
@@ -75,9 +82,10 @@ class MemoryPlan:
         )
         fits = ", ".join(f"{self.max_concurrency(c)} x {c}" for c in contexts)
         free = "" if self.free_bytes is None else f" of {self.free_bytes / GB:.2f} GB free"
+        shared = f" (each rank holds 1/{dcp} of them)" if dcp > 1 else ""
         return (
             f"{head}{free}; KV budget "
-            f"{self.kv_budget_bytes / GB:.3f} GB per rank = {self.kv_tokens:,} tokens at "
+            f"{self.kv_budget_bytes / GB:.3f} GB per rank = {self.kv_tokens:,} tokens{shared} at "
             f"{self.kv_bytes_per_token:,} B/token; concurrency x context: {fits}"
         )
 
@@ -110,7 +118,14 @@ def plan(
     (``device == "cuda"``; None when unknown); ``host_available``: host memory bytes available
     (None: ask the OS)."""
     tp, local = parallel.tensor_parallel_size, parallel.local_size
+    dcp = parallel.decode_context_parallel_size
     _check_host_tier(engine, local, host_available)
+    if dcp > 1 and device == "cuda" and engine.page_size != CUDA_MLA_PAGE_SIZE:
+        raise MemoryPlanError(
+            f"decode_context_parallel_size={dcp} on CUDA needs page_size={CUDA_MLA_PAGE_SIZE} "
+            f"(the MLA decode kernel's page; each block then spans {CUDA_MLA_PAGE_SIZE * dcp} "
+            f"tokens), got page_size={engine.page_size}"
+        )
     weights = rank_weight_bytes(config, parallel, dtype)
     per_token = LatentKVCache.bytes_per_token(config, dtype)
     context = config.max_position_embeddings
@@ -134,21 +149,22 @@ def plan(
         budget = int((free - weights) * engine.kv_cache_memory_fraction)
     elif device == "cuda":  # no cuda-python: the engine measures the budget after loading
         logger.info("weights %.3f GB per rank; KV budget measured after loading", weights / GB)
-        return MemoryPlan(tp, parallel.moe_parallel, weights, per_token, None, max_len, None)
+        return MemoryPlan(tp, parallel.moe_parallel, weights, per_token, None, max_len, None, dcp)
     else:
         budget = CPU_DEFAULT_KV_CACHE_BYTES
-    result = MemoryPlan(tp, parallel.moe_parallel, weights, per_token, budget, max_len, free)
+    result = MemoryPlan(tp, parallel.moe_parallel, weights, per_token, budget, max_len, free, dcp)
     if result.kv_tokens < max_len and engine.max_model_len is None:
         logger.warning(
-            "the KV cache holds %s tokens per rank, less than the model's context %s: requests "
+            "the KV cache holds %s tokens, less than the model's context %s: requests "
             "needing more are refused (set --max-model-len to make this a start-up error)",
             f"{result.kv_tokens:,}",
             f"{max_len:,}",
         )
     elif result.kv_tokens < max_len:
+        where = "replicated on every rank" if dcp == 1 else f"split over {dcp} ranks"
         raise MemoryPlanError(
-            f"max_model_len={max_len:,} needs {max_len * per_token / GB:.2f} GB of KV cache per "
-            f"rank ({per_token:,} B/token, replicated on every rank) but only "
+            f"max_model_len={max_len:,} needs {max_len * per_token / dcp / GB:.2f} GB of KV cache "
+            f"per rank ({per_token:,} B/token, {where}) but only "
             f"{budget / GB:.2f} GB are left after {weights / GB:.2f} GB of weights "
             f"({result.kv_tokens:,} tokens): lower --max-model-len or use more GPUs"
         )

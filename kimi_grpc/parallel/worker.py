@@ -98,6 +98,8 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
                 media_rows=msg.media_rows,
                 kv_saves=msg.kv_saves,
                 kv_loads=msg.kv_loads,
+                dcp_rank=groups.ctx.dcp_rank,
+                dcp_size=groups.ctx.dcp_size,
             )
             executor.forward(batch)
     destroy_groups()

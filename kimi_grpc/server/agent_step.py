@@ -280,7 +280,7 @@ class AgentStep:
         context and the KV cache leave after the prompt (clients such as kimi-cli ask for about
         the whole window); only a prompt that leaves no room at all is refused."""
         engine = self.model.engine
-        limit = min(engine.max_model_len, engine.blocks.num_pages * engine.config.page_size)
+        limit = min(engine.max_model_len, engine.blocks.num_pages * engine.blocks.page_size)
         room = limit - prompt_tokens
         if room < 1:
             error = invalid(

@@ -274,7 +274,7 @@ class InferenceServicer:
             quantization=quant,
             dtype=str(engine.model.dtype).removeprefix("torch."),
             device=str(engine.model.device),
-            page_size=engine.config.page_size,
+            page_size=engine.blocks.page_size,
             default_sampling=convert.sampling_to_proto(
                 convert.sampling_params(pb.SamplingParams(), GENERATE_DEFAULTS)
             ),
