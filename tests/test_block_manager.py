@@ -387,3 +387,171 @@ def test_random_workload_hits_only_identical_prefixes(monkeypatch, hash_kind: st
         used = {p for t, _ in live for p in t.pages}
         assert bm.num_used_pages == len(used)
     assert hits > 100  # the workload does exercise the cache
+
+
+def test_a_partial_tail_is_taken_over_by_its_continuation() -> None:
+    bm = BlockManager(8, PS)
+    first = toks(0, 10)  # two full pages + 2 computed tokens in the third
+    table = prefill(bm, first)
+    tail_page = table.pages[2]
+    bm.free(table, first, 10)
+    # The next agent step: the same text, then more. The whole tail is served (2 tokens).
+    again = bm.allocate([*first, 50, 51], 12)
+    assert again.pages[2] == tail_page and again.num_cached_tokens == 10
+    assert bm.tier_stats.partial_hit_tokens == 2
+    bm.commit(again, [*first, 50, 51], 12)
+    bm.free(again, [*first, 50, 51], 12)  # page 2 is full now: registered, no tail
+    assert bm.num_cached_pages == 3
+    # A continuation that diverges inside the tail takes the common prefix only.
+    other = prefill(bm, toks(100, 7))  # tail: 3 tokens after one full page
+    bm.free(other, toks(100, 7), 7)
+    diverged = bm.allocate([*toks(100, 5), 9, 9, 9], 8)
+    assert diverged.num_cached_tokens == 5
+    bm.free(diverged, [*toks(100, 5), 9, 9, 9], 6)  # computed 5 + the first 9: a new tail
+    # At least one token is always left to compute: the same 6 tokens reuse 5 of them.
+    assert bm.allocate([*toks(100, 5), 9], 6).num_cached_tokens == 5
+
+
+def test_tails_need_their_parent_and_go_before_cached_pages() -> None:
+    bm = BlockManager(4, PS)
+    a = prefill(bm, toks(0, 6))  # page 0 full, page 1 a tail of 2
+    bm.free(a, toks(0, 6), 6)
+    # Same tail tokens after a different first page: the parent differs, no hit.
+    miss = bm.allocate([*toks(50, 4), 4, 5, 6], 7)
+    assert miss.num_cached_tokens == 0 and bm.tier_stats.partial_hit_tokens == 0
+    bm.free(miss)
+    # Fresh pages take uncached pages first, then the tail, then the registered page 0.
+    taken = bm.allocate(toks(200, 12), 12)
+    assert bm.num_cached_pages == 1 and bm.allocate([*toks(0, 6), 7], 7) is None
+    bm.free(taken)
+    assert bm.allocate([*toks(0, 6), 7], 7).num_cached_tokens == 4  # page 0 hit, tail gone
+    # Without the tokens (an abort), or without caching, nothing is kept.
+    plain = BlockManager(4, PS, enable_prefix_caching=False)
+    t = plain.allocate(toks(0, 6), 6)
+    plain.commit(t, toks(0, 6), 6)
+    plain.free(t, toks(0, 6), 6)
+    assert plain.allocate([*toks(0, 6), 7], 7).num_cached_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("hash_kind", "host_pages"), [("real", 0), ("constant", 0), ("real", 24)]
+)  # (host hits rest on the chain hash: a constant one is only safe on the device)
+def test_random_workload_with_partial_hits_serves_only_written_kv(
+    monkeypatch, hash_kind: str, host_pages: int
+) -> None:
+    """Ground truth per slot: the token prefix whose KV it holds (copied along with the host
+    tier's saves and loads). Sequences are freed after computing a random part of their prompt
+    (finished, preempted mid-prefill); every cached position a later allocation reports must
+    hold exactly its prefix's KV."""
+    from kimi_grpc.engine.host_cache import HostPageIndex
+
+    if hash_kind == "constant":
+        monkeypatch.setattr(BlockManager, "_hash", lambda self, p, t: b"c" * 16)
+    rng = random.Random(1)
+    ps = 3
+    bm = BlockManager(40, ps, host=HostPageIndex(host_pages) if host_pages else None)
+    written: dict[tuple[int, int], tuple[int, ...]] = {}  # (page, slot) -> prefix
+    on_host: dict[tuple[int, int], tuple[int, ...] | None] = {}
+
+    def copy_moves() -> None:  # what the engine does before the forward: saves, then loads
+        moves = bm.drain_transfers()
+        for device, host in moves.saves:
+            for slot in range(ps):
+                on_host[host, slot] = written.get((device, slot))
+        for host, device in moves.loads:
+            for slot in range(ps):
+                written[device, slot] = on_host[host, slot]
+        if moves:
+            bm.transfers_done(moves)
+
+    live: list[tuple[PageTable, list[int], int]] = []
+    served = 0
+    for _ in range(3000):
+        if live and (rng.random() < 0.4 or bm.num_free_pages < 8):
+            table, prompt, computed = live.pop(rng.randrange(len(live)))
+            bm.free(table, prompt, computed)
+            continue
+        prompt = [rng.randrange(2) for _ in range(rng.randrange(1, 14))]
+        table = bm.allocate(prompt, len(prompt))
+        if table is None:
+            continue
+        copy_moves()
+        cached = table.num_cached_tokens
+        assert cached < len(prompt) and len(set(table.pages)) == len(table.pages)
+        for p in range(cached):
+            assert written[table.pages[p // ps], p % ps] == tuple(prompt[: p + 1])
+        served += cached
+        computed = rng.randrange(cached + 1, len(prompt) + 1)
+        for p in range(cached, computed):
+            written[table.pages[p // ps], p % ps] = tuple(prompt[: p + 1])
+        bm.commit(table, prompt, computed)
+        live.append((table, prompt, computed))
+    assert served > 500 and bm.tier_stats.partial_hit_tokens > 50
+    if host_pages:
+        assert bm.tier_stats.host_hit_pages > 20
+        assert bm.tier_stats.loaded_pages > bm.tier_stats.host_hit_pages  # partial host hits
+
+
+def test_a_registered_page_matched_partway_is_taken_over_and_saved_to_host() -> None:
+    """The agent-loop case: the previous step's last page is full (prompt end + generated tokens)
+    and registered; the next prompt diverges inside it. The page is taken over for the shared
+    tokens; with a host tier its full content is saved first, so a later exact hit still works."""
+    from kimi_grpc.engine.host_cache import HostPageIndex
+
+    bm = BlockManager(6, PS, host=HostPageIndex(4))
+    table = prefill(bm, toks(0, 8))
+    pages = list(table.pages)
+    bm.free(table)
+    assert bm.num_cached_pages == 2
+    again = bm.allocate([0, 1, 2, 3, 4, 5, 99, 98], 8)
+    assert again.num_cached_tokens == 6 and again.pages == pages
+    assert bm.tier_stats.partial_hit_tokens == 2 and bm.num_cached_pages == 1
+    assert [d for d, _ in bm.drain_transfers().saves] == [pages[1]]
+    # A referenced page is never taken over: another prompt diverging inside the now
+    # registered page 1 of `again` (still running) gets its 3 shared tokens copy-on-write: the
+    # page is saved to host and loaded into a fresh, unregistered page.
+    bm.commit(again, [0, 1, 2, 3, 4, 5, 99, 98], 8)
+    other = bm.allocate([0, 1, 2, 3, 4, 5, 99, 7, 7], 9)
+    assert other.num_cached_tokens == 7 and other.pages[1] not in again.pages
+    moves = bm.drain_transfers()
+    (save,) = moves.saves
+    assert save[0] == again.pages[1] and moves.loads == [(save[1], other.pages[1])]
+    assert bm.tier_stats.partial_hit_tokens == 5 and bm.num_cached_pages == 2
+    # Its host copy now serves the next one without another save.
+    third = bm.allocate([0, 1, 2, 3, 4, 5, 99, 98, 1], 9)  # a whole-page hit on `again`'s page
+    assert third.num_cached_tokens == 8
+    bm.free(other)
+    fourth = bm.allocate([0, 1, 2, 3, 4, 5, 6, 1], 8)  # diverges inside: the oldest host copy
+    assert fourth.num_cached_tokens == 7 and not bm.drain_transfers().saves
+
+
+def test_a_page_that_others_continue_is_never_taken_over() -> None:
+    """Another agent's history hangs off a shared page: diverging inside it must not orphan
+    that history (only leaf pages and tails are taken over)."""
+    bm = BlockManager(8, PS)
+    history = toks(0, 12)  # three registered pages: 0-3, 4-7, 8-11
+    bm.free(prefill(bm, history))
+    diverging = bm.allocate([0, 1, 2, 3, 4, 5, 99, 98], 8)
+    assert diverging.num_cached_tokens == 4  # page 4-7 has a child: recomputed, not taken
+    bm.free(diverging)
+    assert bm.allocate([*history, 50], 13).num_cached_tokens == 12  # the history still hits
+
+
+def test_an_evicted_tail_is_found_on_host_after_host_hits() -> None:
+    """A session's pages, tail included, go to host under pressure; its next step loads the
+    whole page from host and the tail partway (two loads, 6 tokens served)."""
+    from kimi_grpc.engine.host_cache import HostPageIndex
+
+    bm = BlockManager(3, PS, host=HostPageIndex(8))
+    session = prefill(bm, toks(0, 6))  # page 0-3 registered, tail 4-5
+    bm.free(session, toks(0, 6), 6)
+    bm.free(bm.allocate(toks(100, 12), 12))  # takes all three pages: both saved to host
+    assert len(bm.drain_transfers().saves) == 2
+    resumed = bm.allocate([*toks(0, 6), 50, 51], 8)
+    assert resumed.num_cached_tokens == 6
+    loads = bm.drain_transfers().loads
+    assert [device for _, device in loads] == resumed.pages[:2]
+    assert bm.tier_stats.host_hit_pages == 1 and bm.tier_stats.partial_hit_tokens == 2
+    # The tail's host key is not a page's: a prompt of the tail's tokens padded to a whole page
+    # never hits it as a full page.
+    assert bm.num_cached_pages == 1

@@ -103,6 +103,27 @@ def test_prefix_cache_hit_gives_same_output(demo):
     assert engine.stats().pages_cached >= 15
 
 
+def test_agent_turns_take_over_the_partial_tail_and_match_uncached(demo):
+    """Agent turns: each prompt is the previous prompt + its answer + a tool result, so the
+    previous step's partly filled last page is taken over (not recomputed); greedy outputs
+    equal an engine without prefix caching."""
+    rng = random.Random(6)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    cached, uncached = make_engine(demo), make_engine(demo, enable_prefix_caching=False)
+    histories = [[rng.randrange(1792) for _ in range(n)] for n in (70, 130, 9)]
+    for _ in range(3):
+        outs = run(cached, histories, params)
+        assert [o.token_ids for o in outs] == [
+            o.token_ids for o in run(uncached, histories, params)
+        ]
+        for h, out in zip(histories, outs, strict=True):
+            h += out.token_ids + [rng.randrange(1792) for _ in range(rng.randrange(1, 20))]
+    # Every turn after the first served the previous step's computed tokens, tail included.
+    assert cached.blocks.tier_stats.partial_hit_tokens > 0
+    assert outs[0].num_cached_tokens > 64 * (outs[0].num_cached_tokens // 64)
+    assert cached.blocks.num_used_pages == 0
+
+
 def test_eviction_under_pressure_never_corrupts_running_requests(demo):
     """A cache barely larger than one request: every admission evicts cached pages of earlier
     requests while others still run; outputs must equal the uncontended ones."""
@@ -253,16 +274,17 @@ def test_invalid_requests_are_clear_errors(demo):
 
 def test_long_context_32k(demo):
     """A 32K-token prompt through chunked prefill, then absorbed decode steps over the paged
-    cache; a second request for prompt + two generated tokens hits the 32K cached prefix and
-    recomputes its tail on the (non-absorbed) prefill path: both paths must agree."""
+    cache (the chunks after the first read the cached prefix on the prefill path); a second
+    request for prompt + two generated tokens hits 511 whole pages and the last page partway
+    (prompt + the first output, taken over), computes one token and must continue the same."""
     rng = random.Random(8)
-    prompt = [rng.randrange(1792) for _ in range(32768)]
+    prompt = [rng.randrange(1792) for _ in range(32765)]
     engine = make_engine(demo, kv_cache_memory=256 * 1024**2, max_num_batched_tokens=8192)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     out = run(engine, [prompt], params)[0]
     assert len(out.token_ids) == 4
     again = run(engine, [prompt + out.token_ids[:2]], params)[0]
-    assert again.num_cached_tokens == 32768
+    assert again.num_cached_tokens == 32766  # 511 pages + 62 tokens of page 512
     assert again.token_ids[:2] == out.token_ids[2:]
 
 

@@ -65,7 +65,8 @@ def test_outputs_equal_with_every_page_through_host(reference, host_pages: int) 
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.blocks.num_used_pages == 0  # nothing leaked
         if host_pages:
-            assert stats.saved_pages > 0 and stats.loaded_pages == stats.host_hit_pages > 0
+            # Loads: the host hits, plus pages matched partway on host (partial hits).
+            assert stats.saved_pages > 0 and stats.loaded_pages >= stats.host_hit_pages > 0
             assert llm.engine.host_pool.bytes_loaded > 0
         else:
             assert stats.host_hit_pages == stats.saved_pages == 0

@@ -211,7 +211,7 @@ def test_decode_context_parallel_layouts_it_cannot_serve_are_refused(kimi):
         ParallelConfig(
             8, decode_context_parallel_size=8, nnodes=2, master_addr="10.0.0.1", master_port=1
         )
-    with pytest.raises(MemoryPlanError, match="needs page_size=64 .* got page_size=32"):
+    with pytest.raises(MemoryPlanError, match=r"needs page_size=64 .* got page_size=32"):
         plan(
             kimi,
             ParallelConfig(8, decode_context_parallel_size=4),

@@ -17,6 +17,20 @@ Invariants:
 - A page's generation changes whenever it loses its cache entry, which orphans its descendants;
   orphaned entries never hit and are replaced when their hash is registered again.
 
+Partial hits: when the whole-page hits stop at a page that no cached page matches entirely, an
+unreferenced leaf page (no registered page continues it) after the same parent that matches its
+first tokens is taken over for them
+(the longest common prefix, >= 1 token): the page becomes the new sequence's own, which then
+overwrites the slots after the common prefix (KV at a position depends only on the tokens up to
+it). This is what an agent loop needs: its next prompt re-renders the previous step's answer, so
+it diverges inside the page that held the previous prompt's end and the generated tokens. The
+candidates are registered pages (which lose their entry, as on eviction, saved to host first) and
+*tails*: a sequence freed with its last page partly computed leaves that page unregistered but
+keyed by its parent's identity with its token ids. Tails are evicted before any registered page
+(freed last-page-first; taking the page drops the tail). With a host tier both kinds are saved
+when evicted and found there by their parent's chain hash: a partial host hit loads the page
+into a fresh, unregistered device page (the common prefix is all it serves).
+
 With a host tier (``host``: ``engine.host_cache.HostPageIndex``), a registered page that a fresh
 allocation takes is first *saved* to a host page, and a lookup that misses on the device continues
 in the host index with the same chained hash; each host hit takes a fresh device page, registered
@@ -41,11 +55,24 @@ _HASH_KEY = secrets.token_bytes(32)  # per process: hashes are unguessable and n
 _ROOT_HASH = b""
 _Ident = tuple[int, int]  # (page id, generation): one page's content between two evictions
 _ROOT: _Ident = (-1, 0)
+_TAIL_MARK = b"tail"  # hashed after a tail's tokens: its host key differs from any page's
 
 
 def _pack(token_ids: Sequence[int]) -> bytes:
     """Token ids as fixed-width 8-byte integers (one conversion per call, not per page)."""
     return array("q", token_ids).tobytes()
+
+
+def _common_tokens(a: bytes, b: bytes) -> int:
+    """How many leading tokens two packed token lists share (binary search on slices)."""
+    lo, hi = 0, min(len(a), len(b)) // 8  # a[: 8 * lo] == b[: 8 * lo] holds
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[: 8 * mid] == b[: 8 * mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass
@@ -86,6 +113,7 @@ class TierStats:
 
     device_hit_pages: int = 0
     host_hit_pages: int = 0
+    partial_hit_tokens: int = 0  # tokens served from pages matched partway (partial hits)
     saved_pages: int = 0
     loaded_pages: int = 0
 
@@ -120,6 +148,10 @@ class BlockManager:
         self._cache: dict[bytes, int] = {}  # chain hash -> page
         # Head = next to be taken. Unregistered pages go to the head, registered ones to the tail.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
+        # page -> (parent identity, parent chain hash, packed tokens)
+        self._tail_of: dict[int, tuple[_Ident, bytes, bytes]] = {}
+        self._tails: dict[_Ident, list[int]] = {}  # parent identity -> its tail pages
+        self._children: dict[_Ident, set[int]] = {}  # parent identity -> registered pages
         self.host = host if enable_prefix_caching else None
         self._transfers = Transfers()
         self.tier_stats = TierStats()
@@ -144,7 +176,7 @@ class BlockManager:
     def pages_needed(self, token_ids: Sequence[int], num_tokens: int) -> int:
         """Pages ``allocate(token_ids, num_tokens)`` would take from the free pool (fresh pages
         plus hits on unreferenced cached pages). No side effects."""
-        hits, _, total = self._plan(token_ids, num_tokens)
+        hits, _, _, total = self._plan(token_ids, num_tokens)
         return total - len(hits) + sum(1 for page, _ in hits if self._ref[page] == 0)
 
     def allocate(self, token_ids: Sequence[int], num_tokens: int) -> PageTable | None:
@@ -155,7 +187,7 @@ class BlockManager:
         ``max(num_tokens, num_cached_tokens + 1)`` tokens. Returns None, changing nothing, when
         the free pool is too small.
         """
-        hits, host_hits, total = self._plan(token_ids, num_tokens)
+        hits, host_hits, partial, total = self._plan(token_ids, num_tokens)
         need = total - len(hits) + sum(1 for page, _ in hits if self._ref[page] == 0)
         if need > len(self._free):
             return None
@@ -167,6 +199,15 @@ class BlockManager:
             self.host.pin(host_page)
         pages = [page for page, _ in hits]
         hashes = [h for _, h in hits]
+        if partial is not None and partial[0] == "bounce":  # a copy of the page on host first
+            partial = self._bounce(*partial[1:])
+        if partial is not None and partial[0] == "host":
+            self.host.pin(partial[1])
+            self.host.touch(partial[1])
+        if partial is not None and partial[0] == "device":  # no host hits: it follows the hits
+            if partial[1] in self._tail_of:  # continued by its own continuation: no host copy
+                self._drop_tail(partial[1])
+            pages.append(self._take(partial[1]))
         for host_page, h, parent_hash, tokens in host_hits:  # promoted: registered at once
             page = self._take()
             parent = self._ident(pages[-1]) if pages else _ROOT
@@ -174,10 +215,16 @@ class BlockManager:
             self._transfers.loads.append((host_page, page))
             pages.append(page)
             hashes.append(h)
+        if partial is not None and partial[0] == "host":  # loaded, not registered
+            page = self._take()
+            self._transfers.loads.append((partial[1], page))
+            pages.append(page)
         pages.extend(self._take() for _ in range(total - len(pages)))
         self.tier_stats.device_hit_pages += len(hits)
         self.tier_stats.host_hit_pages += len(host_hits)
-        return PageTable(pages, hashes, len(hashes) * self.page_size)
+        partial_tokens = partial[2] if partial is not None else 0
+        self.tier_stats.partial_hit_tokens += partial_tokens
+        return PageTable(pages, hashes, len(hashes) * self.page_size + partial_tokens)
 
     def extend(self, table: PageTable, num_tokens: int) -> bool:
         """Append fresh pages so ``table`` holds ``num_tokens`` tokens; False (no change) when the
@@ -217,16 +264,25 @@ class BlockManager:
                 parent = self._ident(table.pages[i - 1]) if i else _ROOT
                 self._register(table.pages[i], h, parent, tokens, parent_hash)
 
-    def free(self, table: PageTable) -> None:
+    def free(
+        self,
+        table: PageTable,
+        token_ids: Sequence[int] | None = None,
+        num_computed_tokens: int = 0,
+    ) -> None:
         """Release a sequence: ref-1 on each page, last page first, so that a sequence's tail is
-        evicted before its head. Empties ``table`` (freeing twice is harmless)."""
+        evicted before its head. Empties ``table`` (freeing twice is harmless). With the
+        sequence's ``token_ids`` (as for :meth:`commit`) and ``num_computed_tokens``, a last page
+        holding computed tokens short of full is kept as a partial tail."""
+        if token_ids is not None and self.enable_prefix_caching:
+            self._keep_tail(table, token_ids, num_computed_tokens)
         for page in reversed(table.pages):
             assert self._ref[page] > 0, f"page {page} freed more often than taken"
             self._ref[page] -= 1
             if self._ref[page] == 0:
                 self._free[page] = None  # tail: evicted last
-                if self._entry[page] is None:  # nothing to keep: reuse before any cached page
-                    self._free.move_to_end(page, last=False)
+                if self._entry[page] is None and page not in self._tail_of:
+                    self._free.move_to_end(page, last=False)  # nothing to keep: reuse first
         table.pages.clear()
         table.hashes.clear()
 
@@ -263,6 +319,9 @@ class BlockManager:
         for page in [p for p in self._cache.values() if self._ref[p] == 0]:
             self._unregister(page)
             self._free.move_to_end(page, last=False)
+        for page in list(self._tail_of):
+            self._drop_tail(page)
+            self._free.move_to_end(page, last=False)
 
     # -- internals -----------------------------------------------------------------------------
     def _hash(self, parent_hash: bytes, tokens: bytes) -> bytes:
@@ -274,13 +333,20 @@ class BlockManager:
 
     def _plan(
         self, token_ids: Sequence[int], num_tokens: int
-    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes, bytes, bytes]], int]:
+    ) -> tuple[
+        list[tuple[int, bytes]],
+        list[tuple[int, bytes, bytes, bytes]],
+        tuple[str, int, int] | None,
+        int,
+    ]:
         """The device hits ``(page, hash)`` for ``token_ids``, then the host hits ``(host page,
-        hash, parent hash, tokens)`` that continue them, and the table's total page count."""
+        hash, parent hash, tokens)`` that continue them, then the partial hit ``("device" |
+        "host", page, tokens it serves)``; and the table's total page count."""
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         hits: list[tuple[int, bytes]] = []
         host_hits: list[tuple[int, bytes, bytes, bytes]] = []
+        partial = None
         if self.enable_prefix_caching:
             ps, parent_hash, parent = self.page_size, _ROOT_HASH, _ROOT
             cap = (len(token_ids) - 1) // ps  # leave >= 1 token to compute
@@ -301,25 +367,109 @@ class BlockManager:
                     break
                 host_hits.append((host_page, h, parent_hash, tokens))
                 parent_hash = h
-        num_cached = (len(hits) + len(host_hits)) * self.page_size
-        return hits, host_hits, self._pages_for(max(num_tokens, num_cached + 1))
+            start = (len(hits) + len(host_hits)) * ps
+            following = _pack(token_ids[start : min(start + ps, len(token_ids) - 1)])
+            if following:
+                partial = self._best_partial(None if host_hits else parent, parent_hash, following)
+        num_cached = (len(hits) + len(host_hits)) * self.page_size + (partial[2] if partial else 0)
+        return hits, host_hits, partial, self._pages_for(max(num_tokens, num_cached + 1))
 
-    def _take(self) -> int:
-        """A fresh page from the free-queue head, evicting its cache entry (saved to the host
-        tier first, when there is one)."""
-        page, _ = self._free.popitem(last=False)
+    def _best_partial(
+        self, parent: _Ident | None, parent_hash: bytes, following: bytes
+    ) -> tuple[str, int, int] | None:
+        """The page after the hits whose tokens share the longest prefix, >= 1 token, with
+        ``following`` (packed), as ``(kind, page, tokens)``; ties go to the cheapest kind:
+        "device": an unreferenced device page after ``parent`` (a tail or a leaf registered
+        page; ``parent`` None: the hits ended on host), taken over; "host": a host page after
+        ``parent_hash``, loaded into a fresh page; "bounce" (with a host tier): a registered
+        device page that cannot be taken over (in use, or continued by others), copied through
+        a host page (saved, then loaded into a fresh page: copy-on-write)."""
+        candidates: list[tuple[str, int, bytes]] = []
+        if parent is not None:
+            candidates += [("device", p, self._tail_of[p][2]) for p in self._tails.get(parent, ())]
+            for p in self._children.get(parent, ()):
+                entry = self._entry[p]
+                if self._ref[p] == 0 and self._is_leaf(p):
+                    candidates.append(("device", p, entry.tokens))
+                elif self.host is not None and entry.hash not in self.host:
+                    candidates.append(("bounce", p, entry.tokens))
+        if self.host is not None:
+            candidates += [("host", p, tokens) for p, tokens in self.host.children(parent_hash)]
+        best, cost = None, {"device": 0, "host": 1, "bounce": 2}
+        for kind, page, tokens in candidates:
+            n = _common_tokens(tokens, following)
+            if n and (best is None or (n, -cost[kind]) > (best[2], -cost[best[0]])):
+                best = (kind, page, n)
+        return best
+
+    def _bounce(self, page: int, tokens: int) -> tuple[str, int, int] | None:
+        """Saves registered device ``page`` to a host page for a copy-on-write partial hit:
+        ``("host", host page, tokens)``, or None when the host tier has no unpinned page."""
+        entry = self._entry[page]
+        host_page = self.host.store(HostEntry(entry.hash, entry.parent_hash, entry.tokens))
+        if host_page is None:
+            return None
+        self.host.pin(host_page)  # released when the save is done
+        self._transfers.saves.append((page, host_page))
+        return "host", host_page, tokens
+
+    def _is_leaf(self, page: int) -> bool:
+        """No registered page continues this one (taking it over would orphan them: another
+        agent's whole history can hang off a shared page). A tail may: it is one page, and the
+        previous step's tail hangs off exactly the page its next step diverges in."""
+        return (page, self._gen[page]) not in self._children
+
+    def _keep_tail(self, table: PageTable, token_ids: Sequence[int], num_computed: int) -> None:
+        full, partial = divmod(num_computed, self.page_size)
+        if not partial or len(table.hashes) != full or full >= len(table.pages):
+            return
+        page = table.pages[full]
+        if self._ref[page] != 1 or self._entry[page] is not None:
+            return
+        parent = self._ident(table.pages[full - 1]) if full else _ROOT
+        if parent is None or num_computed > len(token_ids):
+            return
+        start = full * self.page_size
+        parent_hash = table.hashes[full - 1] if full else _ROOT_HASH
+        self._tail_of[page] = (parent, parent_hash, _pack(token_ids[start:num_computed]))
+        self._tails.setdefault(parent, []).append(page)
+
+    def _drop_tail(self, page: int) -> None:
+        parent, *_ = self._tail_of.pop(page)
+        siblings = self._tails[parent]
+        siblings.remove(page)
+        if not siblings:
+            del self._tails[parent]
+
+    def _take(self, page: int | None = None) -> int:
+        """A fresh page — the free-queue head, or ``page`` (a partial hit, unreferenced) —
+        evicting its cache entry (saved to the host tier first, when there is one)."""
+        if page is None:
+            page, _ = self._free.popitem(last=False)
+        else:
+            del self._free[page]
         assert self._ref[page] == 0
         entry = self._entry[page]
         if entry is not None:
-            if self.host is not None:
-                host_page = self.host.store(HostEntry(entry.hash, entry.parent_hash, entry.tokens))
-                if host_page is not None:
-                    self.host.pin(host_page)
-                    self._transfers.saves.append((page, host_page))
+            self._save(page, HostEntry(entry.hash, entry.parent_hash, entry.tokens))
             self._unregister(page)
         self._alias.pop(page, None)
+        if page in self._tail_of:
+            _, parent_hash, tokens = self._tail_of[page]
+            tail_key = self._hash(parent_hash, tokens + _TAIL_MARK)  # never a page's chain hash
+            self._save(page, HostEntry(tail_key, parent_hash, tokens))
+            self._drop_tail(page)
         self._ref[page] = 1
         return page
+
+    def _save(self, page: int, entry: HostEntry) -> None:
+        """Queue a copy of device ``page`` to the host tier (when there is one, with room)."""
+        if self.host is None:
+            return
+        host_page = self.host.store(entry)
+        if host_page is not None:
+            self.host.pin(host_page)
+            self._transfers.saves.append((page, host_page))
 
     def _ident(self, page: int) -> _Ident | None:
         """The registered content a committed page holds, or None if unknown (chain broken)."""
@@ -355,10 +505,15 @@ class BlockManager:
                 self._free.move_to_end(other, last=False)
         self._entry[page] = _Entry(h, parent, tokens, parent_hash)
         self._cache[h] = page
+        self._children.setdefault(parent, set()).add(page)
 
     def _unregister(self, page: int) -> None:
         entry = self._entry[page]
         assert entry is not None and self._cache[entry.hash] == page
         del self._cache[entry.hash]
+        siblings = self._children[entry.parent]
+        siblings.discard(page)
+        if not siblings:
+            del self._children[entry.parent]
         self._entry[page] = None
         self._gen[page] += 1  # orphans every entry chained to this page

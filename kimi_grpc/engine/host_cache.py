@@ -9,6 +9,12 @@ the root (or at a verified device hit), so by induction a host hit reproduces th
 as collision-safe as a device hit. A host hit is *promoted*: copied into a fresh device page
 before the step's forward.
 
+Partial pages: an evicted device page that an agent's next step may match only partway (a tail,
+or a registered page) is findable here by its parent's chain hash too (:meth:`children`); the
+block manager compares token prefixes and loads the best one into a fresh, unregistered device
+page. A tail's entry has fewer tokens than a page and a hash of its own, so it never serves a
+whole-page hit.
+
 Invariants: a host page holds at most one entry; pages with a copy in flight (``pin``) are never
 evicted or overwritten; eviction is LRU over unpinned entries.
 
@@ -43,6 +49,7 @@ class HostPageIndex:
         self._free = list(range(num_pages - 1, -1, -1))  # pop() gives the lowest page first
         self._pins = [0] * num_pages
         self._retained: dict[bytes, float] = {}  # chain hash -> time.monotonic() deadline
+        self._children: dict[bytes, set[int]] = {}  # parent chain hash -> host pages
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -75,9 +82,26 @@ class HostPageIndex:
             if victim is None:
                 return None
             page = self._by_hash.pop(victim)
+            self._unlink(page)
         self._entry[page] = entry
         self._by_hash[entry.hash] = page
+        self._children.setdefault(entry.parent_hash, set()).add(page)
         return page
+
+    def children(self, parent_hash: bytes) -> list[tuple[int, bytes]]:
+        """``(host page, packed tokens)`` of the entries whose parent is ``parent_hash``."""
+        return [(page, self._entry[page].tokens) for page in self._children.get(parent_hash, ())]
+
+    def touch(self, page: int) -> None:
+        """``page`` served a hit: most recently used."""
+        self._by_hash.move_to_end(self._entry[page].hash)
+
+    def _unlink(self, page: int) -> None:
+        parent_hash = self._entry[page].parent_hash
+        siblings = self._children[parent_hash]
+        siblings.discard(page)
+        if not siblings:
+            del self._children[parent_hash]
 
     def _victim(self) -> bytes | None:
         """The least recently used unpinned entry that is not retained; else (every one is
@@ -127,6 +151,7 @@ class HostPageIndex:
         if entry is None:
             return
         del self._by_hash[entry.hash]
+        self._unlink(page)
         self._entry[page] = None
         self._free.append(page)
 

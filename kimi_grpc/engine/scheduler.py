@@ -220,7 +220,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the pages, keep the tokens."""
-        self.blocks.free(seq.table)
+        self.blocks.free(seq.table, seq.cache_token_ids(), seq.num_computed_tokens)
         seq.table = None
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -236,7 +236,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         if seq.table is not None:
-            self.blocks.free(seq.table)
+            self.blocks.free(seq.table, seq.cache_token_ids(), seq.num_computed_tokens)
             seq.table = None
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -530,7 +530,7 @@ class GetServerStatusResponse(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., page_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., draining: _Optional[bool] = ..., guided_decoding: _Optional[_Union[GuidedDecodingStatus, _Mapping]] = ..., kv_tiers: _Optional[_Union[KvTierStatus, _Mapping]] = ...) -> None: ...
 
 class KvTierStatus(_message.Message):
-    __slots__ = ("device_hit_pages", "host_hit_pages", "saved_pages", "loaded_pages", "bytes_saved", "bytes_loaded", "host_pages_total", "host_pages_used", "host_pages_retained")
+    __slots__ = ("device_hit_pages", "host_hit_pages", "saved_pages", "loaded_pages", "bytes_saved", "bytes_loaded", "host_pages_total", "host_pages_used", "host_pages_retained", "partial_hit_tokens")
     DEVICE_HIT_PAGES_FIELD_NUMBER: _ClassVar[int]
     HOST_HIT_PAGES_FIELD_NUMBER: _ClassVar[int]
     SAVED_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -540,6 +540,7 @@ class KvTierStatus(_message.Message):
     HOST_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     HOST_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
     HOST_PAGES_RETAINED_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     device_hit_pages: int
     host_hit_pages: int
     saved_pages: int
@@ -549,7 +550,8 @@ class KvTierStatus(_message.Message):
     host_pages_total: int
     host_pages_used: int
     host_pages_retained: int
-    def __init__(self, device_hit_pages: _Optional[int] = ..., host_hit_pages: _Optional[int] = ..., saved_pages: _Optional[int] = ..., loaded_pages: _Optional[int] = ..., bytes_saved: _Optional[int] = ..., bytes_loaded: _Optional[int] = ..., host_pages_total: _Optional[int] = ..., host_pages_used: _Optional[int] = ..., host_pages_retained: _Optional[int] = ...) -> None: ...
+    partial_hit_tokens: int
+    def __init__(self, device_hit_pages: _Optional[int] = ..., host_hit_pages: _Optional[int] = ..., saved_pages: _Optional[int] = ..., loaded_pages: _Optional[int] = ..., bytes_saved: _Optional[int] = ..., bytes_loaded: _Optional[int] = ..., host_pages_total: _Optional[int] = ..., host_pages_used: _Optional[int] = ..., host_pages_retained: _Optional[int] = ..., partial_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class GuidedDecodingStatus(_message.Message):
     __slots__ = ("enabled", "constrained_requests", "lenient_fallbacks", "rejected_tokens", "masks", "mask_seconds")

@@ -55,6 +55,11 @@ class _EngineGauges(Collector):
                 tiers.host_hit_pages,
             ),
             ("kimi_kv_saved_pages", "Evicted device pages saved to host", tiers.saved_pages),
+            (
+                "kimi_kv_partial_hit_tokens",
+                "Prompt tokens served from pages matched partway (an agent's next step)",
+                tiers.partial_hit_tokens,
+            ),
             ("kimi_kv_bytes_saved", "Bytes copied device -> host", stats.bytes_saved),
             ("kimi_kv_bytes_loaded", "Bytes copied host -> device", stats.bytes_loaded),
         ):

@@ -326,6 +326,7 @@ class InferenceServicer:
                     host_pages_total=stats.host_pages_total,
                     host_pages_used=stats.host_pages_used,
                     host_pages_retained=stats.host_pages_retained,
+                    partial_hit_tokens=stats.tiers.partial_hit_tokens,
                 )
             )
             guided = rt.model.engine.guided_stats
