@@ -2,6 +2,7 @@
 
     python bench/swarm.py [--agents 300] [--steps 5] [--runs 3] [--max-tokens 8] [--json]
                           [--server-arg=--kv-cache-memory=33554432 ...]
+    python bench/swarm.py --kv-tier-study [--device-kv BYTES] [--host-kv BYTES]
 
 Starts ``kimi-grpc serve`` on the demo checkpoint (localhost, CPU) and runs the swarm in this
 process with ScriptedDecisions (the demo cannot plan; every AgentStep is still served for real).
@@ -13,6 +14,18 @@ peak growth stays within the KV cache budget, and RSS after run 3 ≈ after run 
 ``--server-arg`` passes flags to the server (e.g. a small ``--kv-cache-memory`` and
 ``--host-kv-cache-memory``: the KV-tier figures of issue 17 — per run, prompt tokens recomputed
 and the pages served from host, from GetServerStatus).
+
+Per run, *new* prompt tokens are the ones no cache could serve: every AgentStep request the swarm
+sent is re-rendered with the server's Tokenize after the run, and each prompt counts its tokens
+past the longest prefix it shares with any earlier prompt (an infinite, token-granular cache).
+*Recomputed* = computed prompt tokens (prompt − served from cache) − new: tokens an earlier
+request had already computed.
+
+``--kv-tier-study`` (issue 17) runs the swarm once against each of three servers: a device KV
+pool of ``--device-kv`` bytes (default 16 MiB, ~1/10 of the swarm's working set) with the host
+tier off, the same pool with a host tier of ``--host-kv`` bytes (default 512 MiB) and retention
+(on by default), and a 1 GiB pool that never evicts (tier off). Baseline: the tier-off server in
+the same invocation.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ from kimi_grpc.checkpoint_maker import demo_checkpoint  # noqa: E402
 from kimi_grpc.client import AsyncKimiClient, KimiClient  # noqa: E402
 from kimi_grpc.config import load_model_config  # noqa: E402
 from kimi_grpc.model.kv_cache import LatentKVCache  # noqa: E402
+from kimi_grpc.proto import inference_pb2 as pb  # noqa: E402
 from kimi_grpc.swarm import ScriptedDecisions, Swarm, SwarmConfig, Tool, ToolRegistry  # noqa: E402
 from tests.server_harness import start_server  # noqa: E402
 
@@ -65,11 +79,52 @@ class PeakRss:
         return self.peak
 
 
+class RecordingSwarm(Swarm):
+    """The swarm, keeping every AgentStep request it sends (to re-tokenize them afterwards)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests: list[pb.AgentStepRequest] = []
+
+    async def _call(self, request: pb.AgentStepRequest, timeout: float | None):
+        self.requests.append(request)
+        return await super()._call(request, timeout)
+
+
+def new_prompt_tokens(client: KimiClient, requests: list[pb.AgentStepRequest]) -> tuple[int, int]:
+    """The prompt tokens no cache could have served: each request's prompt (rendered by the
+    server's Tokenize) minus its longest prefix shared with any earlier request's prompt, summed.
+    An infinite, token-granular cache computes exactly these (a lower bound for any real one:
+    it even shares what concurrent requests compute in the same step). -> (new, all) tokens."""
+    trie: dict = {}
+    new = total = 0
+    for request in requests:
+        chat = pb.ChatInput(
+            messages=request.messages,
+            tools=request.tools,
+            mode=request.mode,
+            preserve_thinking=request.preserve_thinking,
+            chat_template_kwargs_json=request.chat_template_kwargs_json,
+        )
+        ids = client.tokenize(pb.TokenizeRequest(chat=chat)).token_ids
+        node, shared = trie, 0
+        for token in ids:
+            child = node.get(token)
+            if child is None:
+                break
+            node, shared = child, shared + 1
+        new += len(ids) - shared
+        total += len(ids)
+        for token in ids[shared:]:
+            node = node.setdefault(token, {})
+    return new, total
+
+
 async def one_run(target: str, run_dir: Path, args: argparse.Namespace) -> dict:
     tools = ToolRegistry([Tool.from_function(lambda agent, step: "ok", name="record")])
     config = SwarmConfig(max_parallel=args.agents, max_tokens=args.max_tokens, system_prompt=SYSTEM)
     async with AsyncKimiClient(target) as client:
-        swarm = Swarm(
+        swarm = RecordingSwarm(
             client,
             tools,
             run_dir,
@@ -87,6 +142,7 @@ async def one_run(target: str, run_dir: Path, args: argparse.Namespace) -> dict:
         "steps_per_s": steps / wall,
         "orchestrator_cpu_ms_per_step": cpu / steps * 1e3,
         "completion_tokens": report["totals"]["completion_tokens"],
+        "requests": swarm.requests,
     }
 
 
@@ -98,9 +154,83 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--server-arg", action="append", default=[], help="a flag for the server")
+    ap.add_argument(
+        "--kv-tier-study", action="store_true", help="tier off / on / floor, 1 run each"
+    )
+    ap.add_argument("--device-kv", type=int, default=16 * MIB)
+    ap.add_argument("--host-kv", type=int, default=512 * MIB)
     args = ap.parse_args()
+    if args.kv_tier_study:
+        kv_tier_study(args)
+        return
+    summary = serve_and_run(args, args.server_arg)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(
+        f"commit {summary['commit']}, {summary['machine']}, demo checkpoint, "
+        f"{args.agents} sub-agents x {args.steps} steps, max_tokens {args.max_tokens}"
+    )
+    print(
+        f"server RSS after load {summary['rss_loaded_mib']:.0f} MiB; "
+        f"KV budget {summary['kv_budget_mib']:.0f} MiB"
+    )
+    print(
+        "run  wall s  steps/s  gen tok/s  prefill tok/s  cached  orch ms/step  RSS peak/after MiB"
+        "  computed     new  recomputed  host pages  preempt  pages after"
+    )
+    for i, r in enumerate(summary["runs"]):
+        print(
+            f"{i + 1:>3}  {r['wall_s']:6.1f}  {r['steps_per_s']:7.1f}  "
+            f"{r['generated_tokens_per_s']:9.1f}  {r['computed_prompt_tokens_per_s']:13.1f}  "
+            f"{r['cached_share']:6.1%}  {r['orchestrator_cpu_ms_per_step']:12.3f}  "
+            f"{r['rss_peak_mib']:.0f} / {r['rss_after_mib']:.0f}"
+            f"  {r['computed_prompt_tokens']:>8}  {r['new_prompt_tokens']:>6}"
+            f"  {r['recomputed_prompt_tokens']:>10}  {r['host_hit_pages']:>10}"
+            f"  {r['preemptions']:>7}  {r['kv_pages_used_after']:>11}"
+        )
 
-    server = start_server("--max-num-seqs", "256", "--max-queued-requests", "256", *args.server_arg)
+
+def kv_tier_study(args: argparse.Namespace) -> None:
+    args.runs = 1
+    device = f"--kv-cache-memory={args.device_kv}"
+    configs = {
+        "tier off": [device],
+        "host tier": [device, f"--host-kv-cache-memory={args.host_kv}"],
+        "no evict": [f"--kv-cache-memory={1024 * MIB}"],
+    }
+    runs = {name: serve_and_run(args, flags)["runs"][0] for name, flags in configs.items()}
+    off = runs["tier off"]
+    for r in runs.values():
+        r["steps_vs_off"] = r["steps_per_s"] / off["steps_per_s"]
+        r["recomputed_vs_off"] = off["recomputed_prompt_tokens"] / max(
+            r["recomputed_prompt_tokens"], 1
+        )
+    if args.json:
+        print(json.dumps({"device_kv": args.device_kv, "host_kv": args.host_kv, **runs}, indent=2))
+        return
+    print(
+        f"{args.agents} sub-agents x {args.steps} steps; device pool {args.device_kv / MIB:.0f} MiB"
+        f", host tier {args.host_kv / MIB:.0f} MiB; 'no evict' = a 1 GiB pool, tier off"
+    )
+    print(
+        f"{'server':>10}{'steps/s':>9}{'x off':>7}{'cached':>8}{'new':>9}{'computed':>10}"
+        f"{'recomputed':>12}{'fewer':>8}{'host pages':>12}{'partial tok':>13}{'preempt':>9}"
+        f"{'pages after':>13}"
+    )
+    for name, r in runs.items():
+        print(
+            f"{name:>10}{r['steps_per_s']:>9.1f}{r['steps_vs_off']:>6.2f}x"
+            f"{r['cached_share']:>8.1%}{r['new_prompt_tokens']:>9}{r['computed_prompt_tokens']:>10}"
+            f"{r['recomputed_prompt_tokens']:>12}{r['recomputed_vs_off']:>7.1f}x"
+            f"{r['host_hit_pages']:>12}{r['partial_hit_tokens']:>13}{r['preemptions']:>9}"
+            f"{r['kv_pages_used_after']:>13}"
+        )
+
+
+def serve_and_run(args: argparse.Namespace, server_args: list[str]) -> dict:
+    """Starts a server with ``server_args``, runs the swarm ``args.runs`` times, stops it."""
+    server = start_server("--max-num-seqs", "256", "--max-queued-requests", "256", *server_args)
     results = []
     try:
         client = KimiClient(server.target)
@@ -123,10 +253,21 @@ def main() -> None:
                     rss_peak_mib=peak / MIB,
                     rss_after_mib=psutil.Process(server.proc.pid).memory_info().rss / MIB,
                     kv_pages_used_after=after.kv_pages_used,
-                    recomputed_prompt_tokens=prompt - cached,
+                    computed_prompt_tokens=prompt - cached,
                     host_hit_pages=after.kv_tiers.host_hit_pages - before.kv_tiers.host_hit_pages,
+                    partial_hit_tokens=after.kv_tiers.partial_hit_tokens
+                    - before.kv_tiers.partial_hit_tokens,
                     preemptions=after.num_preemptions - before.num_preemptions,
                 )
+                new, tokenized = new_prompt_tokens(client, run.pop("requests"))
+                if tokenized != prompt:  # retries also count: then the figures are approximate
+                    print(
+                        f"note: Tokenize gives {tokenized} prompt tokens, the server counted "
+                        f"{prompt}",
+                        file=sys.stderr,
+                    )
+                run["new_prompt_tokens"] = new
+                run["recomputed_prompt_tokens"] = run["computed_prompt_tokens"] - new
                 results.append(run)
         client.close()
     finally:
@@ -145,27 +286,7 @@ def main() -> None:
         "kv_budget_mib": kv_bytes / MIB,
         "runs": results,
     }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return
-    print(
-        f"commit {summary['commit']}, {summary['machine']}, demo checkpoint, "
-        f"{args.agents} sub-agents x {args.steps} steps, max_tokens {args.max_tokens}"
-    )
-    print(f"server RSS after load {rss_loaded / MIB:.0f} MiB; KV budget {kv_bytes / MIB:.0f} MiB")
-    print(
-        "run  wall s  steps/s  gen tok/s  prefill tok/s  cached  orch ms/step  RSS peak/after MiB"
-        "  recomputed  host pages  preempt  pages after"
-    )
-    for i, r in enumerate(results):
-        print(
-            f"{i + 1:>3}  {r['wall_s']:6.1f}  {r['steps_per_s']:7.1f}  "
-            f"{r['generated_tokens_per_s']:9.1f}  {r['computed_prompt_tokens_per_s']:13.1f}  "
-            f"{r['cached_share']:6.1%}  {r['orchestrator_cpu_ms_per_step']:12.3f}  "
-            f"{r['rss_peak_mib']:.0f} / {r['rss_after_mib']:.0f}"
-            f"  {r['recomputed_prompt_tokens']:>10}  {r['host_hit_pages']:>10}"
-            f"  {r['preemptions']:>7}  {r['kv_pages_used_after']:>11}"
-        )
+    return summary
 
 
 if __name__ == "__main__":

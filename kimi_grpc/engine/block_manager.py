@@ -205,8 +205,8 @@ class BlockManager:
             self.host.pin(partial[1])
             self.host.touch(partial[1])
         if partial is not None and partial[0] == "device":  # no host hits: it follows the hits
-            if partial[1] in self._tail_of:  # continued by its own continuation: no host copy
-                self._drop_tail(partial[1])
+            # Saved to host like any evicted page: others may share its prefix (the tail of a
+            # swarm's priming call is every sub-agent's system prompt end).
             pages.append(self._take(partial[1]))
         for host_page, h, parent_hash, tokens in host_hits:  # promoted: registered at once
             page = self._take()
