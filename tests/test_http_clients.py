@@ -104,7 +104,12 @@ def test_langchain_invoke_and_stream_agree(base_url: str) -> None:
         total += chunk
     assert total.content == message.content
     assert total.response_metadata["finish_reason"] == "length"
-    assert total.usage_metadata == message.usage_metadata  # from the include_usage chunk
+    # From the include_usage chunk: the same usage, except that the repeated prompt is now
+    # served from the prefix cache (all but its last token).
+    streamed, invoked = dict(total.usage_metadata), dict(message.usage_metadata)
+    assert streamed.pop("input_token_details") == {"cache_read": streamed["input_tokens"] - 1}
+    invoked.pop("input_token_details")
+    assert streamed == invoked
 
     assert [b.get("stream") for b in bodies] == [False, True]
     assert bodies[1]["stream_options"] == {"include_usage": True}

@@ -94,12 +94,14 @@ def test_generate_stream_adds_up(client: KimiClient, offline: LLM) -> None:
 
 
 def test_generate_token_ids_logprobs_stop_and_cached_tokens(client: KimiClient) -> None:
-    prompt = list(range(10, 200))  # 190 tokens: two full pages are cacheable
+    prompt = list(range(10, 200))  # 190 tokens: two full pages and a partial one
     params = {"max_tokens": 8, "temperature": 0.0, "logprobs": 2, "ignore_eos": True}
     first = client.generate_result(prompt, params)
     second = client.generate_result(prompt, params)
     assert first.token_ids == second.token_ids
-    assert second.final.usage.cached_tokens == 128  # whole pages of the repeated prompt
+    # The repeated prompt: everything but its last token (two whole pages, then the first
+    # request's partly filled third page, taken over: a partial hit).
+    assert second.final.usage.cached_tokens == 189
     stop_id = first.token_ids[3]
     stopped = client.generate_result(prompt, {**params, "stop_token_ids": [stop_id]})
     assert stopped.final.finish_reason == pb.FINISH_REASON_STOP

@@ -17,19 +17,19 @@ Invariants:
 - A page's generation changes whenever it loses its cache entry, which orphans its descendants;
   orphaned entries never hit and are replaced when their hash is registered again.
 
-Partial hits: when the whole-page hits stop at a page that no cached page matches entirely, an
-unreferenced leaf page (no registered page continues it) after the same parent that matches its
-first tokens is taken over for them
-(the longest common prefix, >= 1 token): the page becomes the new sequence's own, which then
-overwrites the slots after the common prefix (KV at a position depends only on the tokens up to
-it). This is what an agent loop needs: its next prompt re-renders the previous step's answer, so
-it diverges inside the page that held the previous prompt's end and the generated tokens. The
-candidates are registered pages (which lose their entry, as on eviction, saved to host first) and
-*tails*: a sequence freed with its last page partly computed leaves that page unregistered but
-keyed by its parent's identity with its token ids. Tails are evicted before any registered page
-(freed last-page-first; taking the page drops the tail). With a host tier both kinds are saved
-when evicted and found there by their parent's chain hash: a partial host hit loads the page
-into a fresh, unregistered device page (the common prefix is all it serves).
+Partial hits: when the whole-page hits stop at a page that no cached page matches entirely, a
+page after the same parent that matches its first tokens serves them (the longest common prefix,
+>= 1 token; KV at a position depends only on the tokens up to it). This is what an agent loop
+needs: its next prompt re-renders the previous step's answer, so it diverges inside the page that
+held the previous prompt's end and the generated tokens. An unreferenced *leaf* page (no
+registered page continues it, so no other history is orphaned) is taken over: it becomes the new
+sequence's own, which overwrites the slots after the common prefix; it loses its entry as on
+eviction (saved to host first). So is a *tail*: a sequence freed with its last page partly
+computed leaves that page unregistered but keyed by its parent's identity with its token ids;
+tails are evicted before any registered page (freed last-page-first). With a host tier, evicted
+pages and tails are found there by their parent's chain hash and loaded into a fresh,
+unregistered page, and a registered page that cannot be taken over (in use, or continued by
+others) is copied through host: saved, then loaded into a fresh page (copy-on-write).
 
 With a host tier (``host``: ``engine.host_cache.HostPageIndex``), a registered page that a fresh
 allocation takes is first *saved* to a host page, and a lookup that misses on the device continues
@@ -340,8 +340,8 @@ class BlockManager:
         int,
     ]:
         """The device hits ``(page, hash)`` for ``token_ids``, then the host hits ``(host page,
-        hash, parent hash, tokens)`` that continue them, then the partial hit ``("device" |
-        "host", page, tokens it serves)``; and the table's total page count."""
+        hash, parent hash, tokens)`` that continue them, then the partial hit ``(kind, page,
+        tokens it serves)`` (``_best_partial``); and the table's total page count."""
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         hits: list[tuple[int, bytes]] = []
@@ -406,12 +406,8 @@ class BlockManager:
         """Saves registered device ``page`` to a host page for a copy-on-write partial hit:
         ``("host", host page, tokens)``, or None when the host tier has no unpinned page."""
         entry = self._entry[page]
-        host_page = self.host.store(HostEntry(entry.hash, entry.parent_hash, entry.tokens))
-        if host_page is None:
-            return None
-        self.host.pin(host_page)  # released when the save is done
-        self._transfers.saves.append((page, host_page))
-        return "host", host_page, tokens
+        host_page = self._save(page, HostEntry(entry.hash, entry.parent_hash, entry.tokens))
+        return None if host_page is None else ("host", host_page, tokens)
 
     def _is_leaf(self, page: int) -> bool:
         """No registered page continues this one (taking it over would orphan them: another
@@ -462,14 +458,16 @@ class BlockManager:
         self._ref[page] = 1
         return page
 
-    def _save(self, page: int, entry: HostEntry) -> None:
-        """Queue a copy of device ``page`` to the host tier (when there is one, with room)."""
+    def _save(self, page: int, entry: HostEntry) -> int | None:
+        """Queues a copy of device ``page`` to the host tier (when there is one, with room);
+        the host page, pinned until the copy is done, or None."""
         if self.host is None:
-            return
+            return None
         host_page = self.host.store(entry)
         if host_page is not None:
             self.host.pin(host_page)
             self._transfers.saves.append((page, host_page))
+        return host_page
 
     def _ident(self, page: int) -> _Ident | None:
         """The registered content a committed page holds, or None if unknown (chain broken)."""
