@@ -465,6 +465,8 @@ def test_server_flags_parse_with_the_real_cli(rendered):
         assert parsed.model == config["MODEL_DIR"] and parsed.model.startswith("/models/")
         assert parsed.kv_cache_memory == int(config["KV_CACHE_MEMORY"])
         assert parsed.tensor_parallel_size == int(config["TENSOR_PARALLEL_SIZE"])
+        dcp = parsed.decode_context_parallel_size
+        assert dcp == int(config["DECODE_CONTEXT_PARALLEL_SIZE"]) and 8 % dcp == 0
         mounts = {m["mountPath"]: m["name"] for m in server_container(pod)["volumeMounts"]}
         key_dir = os.path.dirname(parsed.api_key_file)
         (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mounts[key_dir]]
