@@ -118,13 +118,11 @@ class MLAttention(nn.Module):
             out[batch.decode_tokens] = self._decode(
                 q_nope[batch.decode_tokens], q_pe[batch.decode_tokens], batch, kv_cache
             )
-        for seq, start, length in batch.prefill_segments():
+        segments = list(batch.prefill_segments())
+        contexts = self._context_latents(batch, [seq for seq, _, _ in segments], kv_cache)
+        for (_, start, length), cached in zip(segments, contexts, strict=True):
             out[start : start + length] = self._prefill(
-                q_nope[start : start + length],
-                q_pe[start : start + length],
-                batch,
-                seq,
-                kv_cache,
+                q_nope[start : start + length], q_pe[start : start + length], cached
             )
         return self.o_proj(out.view(n, -1))
 
@@ -174,16 +172,12 @@ class MLAttention(nn.Module):
         return self.ctx.dcp_reduce_scatter(partial).to(q.dtype)  # [B, H, kv_lora]
 
     def _prefill(
-        self,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        batch: ForwardBatch,
-        seq: int,
-        kv_cache: torch.Tensor,
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor
     ) -> torch.Tensor:
-        # q_nope: [S, H, nope], q_pe: [S, H, rope] for S new tokens -> [S, H, v]
-        length = batch.context_lens_host[seq]
-        cached = self._context_latents(batch, seq, kv_cache).to(q_nope.dtype)
+        # q_nope: [S, H, nope], q_pe: [S, H, rope] for the S new tokens of a sequence whose
+        # cached latents (new ones included) are ``cached`` [L, kv_lora + rope] -> [S, H, v]
+        length = cached.shape[0]
+        cached = cached.to(q_nope.dtype)
         c_kv, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [L, *]
         kv = self.kv_b_proj(c_kv).view(length, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -205,23 +199,32 @@ class MLAttention(nn.Module):
         return o.transpose(0, 1)[..., : self.v_dim]
 
     def _context_latents(
-        self, batch: ForwardBatch, seq: int, kv_cache: torch.Tensor
-    ) -> torch.Tensor:
-        """Sequence ``seq``'s cached latents ``[context_len, kv_lora + rope]``, in position order
-        (under DCP: every rank's share, all-gathered and interleaved back)."""
-        length, page_size = batch.context_lens_host[seq], kv_cache.shape[1]
-        n = self.ctx.dcp_size
-        local = length if n == 1 else batch.local_context_lens_host[seq]
-        pages = batch.block_tables[seq, : (local + page_size - 1) // page_size].long()
-        mine = kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:local]
-        if n == 1:
+        self, batch: ForwardBatch, seqs: list[int], kv_cache: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The cached latents ``[context_len, kv_lora + rope]`` of each of ``seqs``, in position
+        order. Under DCP every rank's shares of all of them come in one all-gather per layer."""
+        page_size, dim, n = kv_cache.shape[1], kv_cache.shape[-1], self.ctx.dcp_size
+        lengths = [batch.context_lens_host[seq] for seq in seqs]
+        mine = []
+        for seq, length in zip(seqs, lengths, strict=True):
+            local = length if n == 1 else batch.local_context_lens_host[seq]
+            pages = batch.block_tables[seq, : -(-local // page_size)].long()
+            mine.append(kv_cache[pages].reshape(-1, dim)[:local])
+        if n == 1 or not seqs:
             return mine
-        # Rank r holds positions r, r + N, ...: pad every share to the longest, gather them as
-        # [N, per_rank, D] and read position j*N + r at [r, j].
-        padded = mine.new_zeros(-(-length // n), mine.shape[-1])
-        padded[:local] = mine
-        every = self.ctx.dcp_all_gather(padded)
-        return every.transpose(0, 1).reshape(-1, mine.shape[-1])[:length]
+        # Rank r holds positions r, r + N, ...: each sequence's share is padded to ceil(L / N)
+        # rows, all sequences' shares are gathered at once as [N, rows, D], and position j*N + r
+        # of a sequence is read at [r, its first row + j].
+        rows = [-(-length // n) for length in lengths]
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        padded = kv_cache.new_zeros(sum(rows), dim)
+        for share, start in zip(mine, starts, strict=True):
+            padded[start : start + share.shape[0]] = share
+        every = self.ctx.dcp_all_gather(padded)  # [N, sum(rows), D]
+        return [
+            every[:, start : start + r].transpose(0, 1).reshape(-1, dim)[:length]
+            for start, r, length in zip(starts, rows, lengths, strict=True)
+        ]
 
     def weight_specs(self, name: str) -> dict[str, TensorSpec]:
         specs: dict[str, TensorSpec] = {}
