@@ -37,11 +37,9 @@ class ForwardBatch:
     new_token_ids: list[list[int]]  # [B][query_len]
     block_tables_host: list[list[int]]  # [B][pages]
     page_size: int  # tokens per local cache page
-    # Decode context parallelism: this rank's place in its DCP group; the flat tokens it stores
-    # (None: all of them, dcp_size 1); the tokens of each sequence in its cache after the step;
-    # the decode sequences (index into decode_seqs) with at least one of them.
-    dcp_rank: int = 0
-    dcp_size: int = 1
+    # Decode context parallelism: the flat tokens this rank stores (None: all of them, no DCP);
+    # the tokens of each sequence in its cache after the step; the decode sequences (index into
+    # decode_seqs) with at least one of them.
     kv_rows: torch.Tensor | None = None  # [K] int64
     local_context_lens: torch.Tensor | None = None  # [B] int32
     local_context_lens_host: list[int] = ()
@@ -117,8 +115,6 @@ class ForwardBatch:
         local_lens = [local_length(total, dcp_rank, dcp_size) for total in context_lens]
         sharded = dcp_size > 1
         return cls(
-            dcp_rank=dcp_rank,
-            dcp_size=dcp_size,
             kv_rows=longs(kv_rows) if sharded else None,
             local_context_lens=(
                 torch.tensor(local_lens, dtype=torch.int32, device=device) if sharded else None

@@ -88,6 +88,9 @@ def _cuda_moe_supported(
     )
 
 
+CUDA_MLA_PAGE_SIZE = 64  # kMlaPageSize in csrc/cuda/mla_decode.cuh: the kernel's page tile
+
+
 def _cuda_mla_supported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> bool:
     dim = q.shape[-1]
     return (
@@ -95,7 +98,7 @@ def _cuda_mla_supported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: i
         and 0 < kv_lora_rank <= dim
         and q.dtype == torch.bfloat16
         and kv_cache.dtype == torch.bfloat16
-        and kv_cache.shape[1] == 64
+        and kv_cache.shape[1] == CUDA_MLA_PAGE_SIZE
         and dim % 16 == 0
         and dim <= 576
         and kv_lora_rank % 8 == 0

@@ -34,13 +34,13 @@ import torch
 
 from kimi_grpc.config import EngineConfig, ModelConfig, load_model_config
 from kimi_grpc.model.kv_cache import CPU_DEFAULT_KV_CACHE_BYTES, LatentKVCache
+from kimi_grpc.ops import CUDA_MLA_PAGE_SIZE
 from kimi_grpc.parallel.devices import NodeDevices, query_cuda_devices
 from kimi_grpc.parallel.distributed import ParallelConfig
 from kimi_grpc.parallel.state import ParallelContext
 
 logger = logging.getLogger("kimi_grpc.parallel")
 GB = 1e9
-CUDA_MLA_PAGE_SIZE = 64  # kMlaPageSize in csrc/cuda/mla_decode.cuh (the kernel's tile)
 REPORT_CONTEXTS = (4096, 32768, 131072, 262144)
 
 
