@@ -60,46 +60,62 @@ run_step checkpoint 300 "$PY" -c "
 from kimi_grpc.checkpoint_maker import make_checkpoint
 make_checkpoint('$WORK/ckpt-$PRESET', '$PRESET', seed=0)"
 run_step ab_generate 300 "$PY" - "$WORK/ckpt-$PRESET" "$WORK/ab.json" <<'EOF'
-# Greedy tokens with the native CUDA kernels vs the PyTorch reference on real K2.6 widths. The two
-# paths round differently (bf16 intermediates), so a divergence is accepted only where the
-# reference itself was at a near-tie: the native token is the reference's runner-up, within
-# 0.05 nats of its top choice. Anything else fails.
+# Greedy tokens with the native CUDA kernels vs the PyTorch reference on real K2.6 widths. Both
+# round in bf16, differently, and a random-weight model has near-ties everywhere (the reference
+# run twice disagrees with itself: its MoE scatter-adds are not deterministic). So tokens may part
+# only at a near-tie: at the first divergence both paths have the same context, and each one's
+# pick must be within TIE nats of the other's in BOTH distributions (logprobs=20). Before it, the
+# chosen tokens' logprobs of the two backends are compared (max |difference|, reported).
 import json, sys, time
 from kimi_grpc import ops
 from kimi_grpc.engine.llm import LLM
 from kimi_grpc.sampling_params import SamplingParams
 
+TIE = 0.125
 path, out = sys.argv[1], sys.argv[2]
 llm = LLM(path, device="cuda", dtype="bfloat16", kv_cache_memory=8 << 30, max_model_len=4096)
 prompts = [[11 + i for i in range(40)], [500 + 3 * i for i in range(200)]]
-params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=2)
-result = {}
+params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=20)
+runs = {}
 for backend in ("reference", "native", "reference"):
     ops.set_backend(backend)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
-    result.setdefault(backend, []).append(
-        {"tokens": [o.token_ids for o in outs], "s": time.perf_counter() - t0,
-         "top2": [[[tid for tid, _ in top] for _, top in o.outputs[0].logprobs] for o in outs],
-         "margin": [[top[0][1] - top[1][1] for _, top in o.outputs[0].logprobs] for o in outs]}
-    )
-ref, nat = result["reference"][0], result["native"][0]
+    runs.setdefault(backend, []).append({
+        "s": time.perf_counter() - t0,
+        "tokens": [o.token_ids for o in outs],
+        "top": [[dict(top) for _, top in o.outputs[0].logprobs] for o in outs],
+    })
+
+
+def gap(top: dict, best: int, other: int) -> float:
+    return top[best] - top[other] if other in top else float("inf")
+
+
+ref, nat = runs["reference"][0], runs["native"][0]
 verdicts = []
-for p, (a, b) in enumerate(zip(nat["tokens"], ref["tokens"])):
+for p in range(len(prompts)):
+    a, b = nat["tokens"][p], ref["tokens"][p]
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    if i is None:
-        verdicts.append({"prompt": p, "first_divergence": None, "ok": True})
-        continue
-    near_tie = a[i] == ref["top2"][p][i][1] and ref["margin"][p][i] < 0.05
-    verdicts.append({"prompt": p, "first_divergence": i, "ref_margin": ref["margin"][p][i],
-                     "ok": near_tie})
-result["identical_greedy_tokens"] = nat["tokens"] == ref["tokens"]
-result["verdicts"] = verdicts
+    shared = len(a) if i is None else i
+    drift = max((abs(ref["top"][p][j][a[j]] - nat["top"][p][j][a[j]]) for j in range(shared)),
+                default=0.0)
+    v = {"prompt": p, "first_divergence": i, "max_logprob_diff_before": drift, "ok": True}
+    if i is not None:
+        v["ref_gap"] = gap(ref["top"][p][i], b[i], a[i])  # how much worse native's pick is in ref
+        v["native_gap"] = gap(nat["top"][p][i], a[i], b[i])
+        v["ok"] = v["ref_gap"] <= TIE and v["native_gap"] <= TIE
+    verdicts.append(v)
+selfcheck = [r == s for r, s in zip(ref["tokens"], runs["reference"][1]["tokens"])]
+result = {"runs": runs, "verdicts": verdicts, "tie_nats": TIE,
+          "identical_greedy_tokens": nat["tokens"] == ref["tokens"],
+          "reference_repeats_itself": selfcheck}
 json.dump(result, open(out, "w"))
-print(f"identical greedy tokens native vs reference: {result['identical_greedy_tokens']}")
+print(f"identical greedy tokens native vs reference: {result['identical_greedy_tokens']}; "
+      f"reference run twice identical per prompt: {selfcheck}")
 print(f"per prompt: {verdicts}")
-for name in ("reference", "native"):
-    print(f"{name}: {[round(run['s'], 2) for run in result[name]]} s")
+for name, rs in runs.items():
+    print(f"{name}: {[round(r['s'], 2) for r in rs]} s")
 sys.exit(0 if all(v["ok"] for v in verdicts) else 1)
 EOF
 
