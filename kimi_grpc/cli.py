@@ -216,6 +216,25 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     srv.add_argument("--no-prefix-caching", action="store_true")
     srv.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed message (Generate's stream_interval overrides it; default 1: "
+        "every token at once). Larger values cut the per-message cost at high concurrency",
+    )
+    srv.add_argument(
+        "--stub-forward-ms",
+        type=float,
+        help="benchmarks only: replace the model's forward by a wait of this many milliseconds "
+        "(the host path's ceiling; the streamed tokens are meaningless)",
+    )
+    srv.add_argument(
+        "--no-overlap-scheduling",
+        action="store_true",
+        help="run each step's forward and host work one after the other (default: the forward "
+        "runs on a device thread while the host prepares the next step and streams the last)",
+    )
+    srv.add_argument(
         "--guided-decoding",
         choices=("on", "off"),
         default="on",
@@ -325,6 +344,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine_args = {k: v for k, v in engine_args.items() if v is not None}
     if args.no_prefix_caching:
         engine_args["enable_prefix_caching"] = False
+    if args.no_overlap_scheduling:
+        engine_args["overlap_scheduling"] = False
     engine_args["guided_decoding"] = args.guided_decoding == "on"
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
@@ -356,6 +377,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         reflection=not args.no_reflection,
         engine_args=engine_args,
         parallel=parallel,
+        stream_interval=args.stream_interval,
+        stub_forward_seconds=None if args.stub_forward_ms is None else args.stub_forward_ms / 1e3,
     )
     try:
         asyncio.run(serve(config))

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kimi_grpc import envs
+
 TEXT_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 NESTED_ARCHITECTURES = ("KimiK25ForConditionalGeneration",)
 TEXT_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
@@ -704,6 +706,10 @@ class EngineConfig:
     host_kv_cache_memory: int = 0
     # How long a session that ended a step in tool calls keeps its pages in the host tier.
     kv_retention_seconds: float = 180.0
+    # Run forwards and sampling on a device thread one step behind the host, so scheduling,
+    # batch preparation and output processing happen during the forward (LLMEngine.step).
+    # Default: KIMI_GRPC_OVERLAP_SCHEDULING (on).
+    overlap_scheduling: bool = field(default_factory=lambda: envs.OVERLAP_SCHEDULING.get() == "1")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "page_size"):

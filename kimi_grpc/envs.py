@@ -34,6 +34,13 @@ CACHE_DIR = EnvVar(
     help="where the built-in demo checkpoint is generated on first use",
 )
 
+OVERLAP_SCHEDULING = EnvVar(
+    "KIMI_GRPC_OVERLAP_SCHEDULING",
+    "1",
+    ("0", "1"),
+    "default of EngineConfig.overlap_scheduling (serve --no-overlap-scheduling overrides)",
+)
+
 # Multi-node tensor parallelism (``serve --nnodes``); the CLI flags take precedence.
 MASTER_ADDR = EnvVar("MASTER_ADDR", "", help="rank 0's address (torchrun convention)")
 LWS_LEADER_ADDRESS = EnvVar(
@@ -43,4 +50,13 @@ MASTER_PORT = EnvVar("MASTER_PORT", "", help="rendezvous TCP port on rank 0")
 NNODES = EnvVar("NNODES", "", help="nodes in the tensor-parallel group")
 NODE_RANK = EnvVar("NODE_RANK", "", help="this node's index (0 runs the gRPC server)")
 
-ALL = (OPS, CACHE_DIR, MASTER_ADDR, LWS_LEADER_ADDRESS, MASTER_PORT, NNODES, NODE_RANK)
+ALL = (
+    OPS,
+    CACHE_DIR,
+    OVERLAP_SCHEDULING,
+    MASTER_ADDR,
+    LWS_LEADER_ADDRESS,
+    MASTER_PORT,
+    NNODES,
+    NODE_RANK,
+)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
 import random
 
 import pytest
@@ -18,6 +20,8 @@ from kimi_grpc.model import KimiForCausalLM
 from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.sampling_params import SamplingParams, SamplingParamsError
 from kimi_grpc.tokenizer import KimiTokenizer
+
+pytestmark = pytest.mark.usefixtures("scheduling_mode")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -331,8 +335,8 @@ def test_async_streams_are_independent_and_cancellable(demo):
 # ---- fairness: sessions and the chunk cap change when tokens are computed, not which ----------
 def run_swarm(engine: LLMEngine, jobs, params) -> tuple[dict[str, list[int]], dict, list]:
     """Submits ``(request_id, session_id, prompt)`` jobs at once and steps to completion.
-    Returns the tokens per request, the step of each request's first token and, per step, the
-    tokens scheduled for each request."""
+    Returns the tokens per request, the step each request was first scheduled in (0-based) and,
+    per step, the tokens scheduled for each request."""
     schedule = engine.scheduler.schedule
     batches: list[dict[str, int]] = []
 
@@ -343,14 +347,13 @@ def run_swarm(engine: LLMEngine, jobs, params) -> tuple[dict[str, list[int]], di
 
     engine.scheduler.schedule = spy
     tokens: dict[str, list[int]] = {}
-    first: dict[str, int] = {}
     for request_id, session_id, prompt in jobs:
         engine.add_request(request_id, prompt, params, session_id=session_id)
         tokens[request_id] = []
     while engine.has_unfinished_requests():
         for delta in engine.step():
             tokens[delta.request_id] += delta.token_ids
-            first.setdefault(delta.request_id, len(batches))
+    first = {r: next(i for i, b in enumerate(batches) if r in b) for r in tokens}
     return tokens, first, batches
 
 
@@ -375,7 +378,7 @@ def test_fairness_gives_the_same_tokens_in_another_order(demo):
     # The orders really differed. Fairly, b0 starts in the first step beside the big prompt,
     # which advances by a capped chunk every step while the others come and go; first come
     # first served, the big prompt takes whole steps and b0 waits for it and for the flood.
-    assert first["b0"] == 1 and plain_first["b0"] > 8
+    assert first["b0"] == 0 and plain_first["b0"] > 7
     assert [b["big"] for b in batches[:16]] == [128] * 15 + [2000 - 15 * 128]
     assert [b["big"] for b in plain_batches[:8]] == [256] * 7 + [2000 - 7 * 256]
 
@@ -454,3 +457,35 @@ def test_async_coalesce_merges_a_lagging_consumers_deltas(demo):
     assert got == want and finished == 2  # same tokens, text and logprobs per completion
     assert all(lp == len(t) for t, _, lp in got.values())
     assert merged_deltas < plain_deltas == 48
+
+
+def test_async_stream_interval_sends_every_n_tokens_in_one_delta(demo):
+    engine = make_engine(demo)
+    llm = AsyncLLM(engine)
+    params = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True, logprobs=1, n=2)
+
+    async def consume(interval: int):
+        per_index: dict[int, list] = {0: [], 1: []}
+        sizes = []
+        async for delta in llm.generate([3, 1, 4, 1, 5], params, stream_interval=interval):
+            per_index[delta.index].append(delta)
+            sizes.append((len(delta.token_ids), delta.finished))
+        return per_index, sizes
+
+    async def main():
+        return await consume(1), await consume(5)
+
+    try:
+        (plain, _), (grouped, sizes) = asyncio.run(main())
+    finally:
+        llm.shutdown()
+    for index in (0, 1):
+        for what, empty in (("token_ids", []), ("text", ""), ("logprobs", [])):
+            joined = functools.reduce(operator.add, (getattr(d, what) for d in grouped[index]))
+            want = functools.reduce(operator.add, (getattr(d, what) for d in plain[index]), empty)
+            if what == "logprobs":  # the second run hits the prefix cache: float noise
+                joined, want = [lp for lp, _ in joined], pytest.approx([lp for lp, _ in want])
+            assert joined == want
+        assert grouped[index][-1].finished and grouped[index][-1].finish_reason == "length"
+    # 23 tokens per completion: four deltas of 5, then the final one with the last 3.
+    assert sorted(sizes) == sorted([(5, False)] * 8 + [(3, True)] * 2)

@@ -43,6 +43,8 @@ from kimi_grpc.parallel.step_codec import (
     encode,
 )
 
+pytestmark = pytest.mark.usefixtures("scheduling_mode")
+
 PAGE = 16  # small pages: several cover each image / video chunk
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
 QUESTION = "Look closely at the following picture and describe it:"

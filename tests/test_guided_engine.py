@@ -21,6 +21,8 @@ from kimi_grpc.sampling_params import SamplingParams
 from kimi_grpc.tokenizer import KimiTokenizer
 from tests.test_engine import make_engine, token_bytes
 
+pytestmark = pytest.mark.usefixtures("scheduling_mode")
+
 WEATHER = {
     "type": "function",
     "function": {

@@ -16,6 +16,8 @@ from kimi_grpc.engine.llm import LLM
 from kimi_grpc.model.kv_cache import LatentKVCache
 from kimi_grpc.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("scheduling_mode")
+
 PAGE = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 

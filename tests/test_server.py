@@ -93,6 +93,19 @@ def test_generate_stream_adds_up(client: KimiClient, offline: LLM) -> None:
     assert 0 <= final.timings.queue_ms <= final.timings.time_to_first_token_ms
 
 
+def test_generate_stream_interval_groups_tokens(client: KimiClient) -> None:
+    params = {"max_tokens": 10, "temperature": 0.0, "ignore_eos": True}
+
+    def deltas(**fields) -> list:
+        stream = client.generate([5, 6, 7], params, **fields)
+        return [r.delta for r in stream if r.HasField("delta")]
+
+    plain, grouped = deltas(), deltas(stream_interval=4)
+    assert [len(d.token_ids) for d in grouped] == [4, 4, 2]
+    assert [t for d in grouped for t in d.token_ids] == [t for d in plain for t in d.token_ids]
+    assert "".join(d.text for d in grouped) == "".join(d.text for d in plain)
+
+
 def test_generate_token_ids_logprobs_stop_and_cached_tokens(client: KimiClient) -> None:
     prompt = list(range(10, 200))  # 190 tokens: two full pages and a partial one
     params = {"max_tokens": 8, "temperature": 0.0, "logprobs": 2, "ignore_eos": True}

@@ -11,6 +11,8 @@ from kimi_grpc.engine.llm import LLM, load_engine
 from kimi_grpc.engine.stub_forward import use_stub_forward
 from kimi_grpc.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("scheduling_mode")
+
 
 def expected_tokens(prompt_len: int, n: int) -> list[int]:
     """The stub picks 100 + position * 7919 mod 1000 at each sequence's last position."""
@@ -24,14 +26,14 @@ def test_the_real_engine_runs_around_the_stub() -> None:
     engine.add_request("a", list(range(100, 112)), params)
     engine.add_request("b", list(range(100, 107)), params)
     tokens: dict[str, list[int]] = {"a": [], "b": []}
-    steps, start = 0, time.perf_counter()
+    start = time.perf_counter()
     while engine.has_unfinished_requests():
         for delta in engine.step():
             tokens[delta.request_id] += delta.token_ids
-        steps += 1
     assert tokens == {"a": expected_tokens(12, 5), "b": expected_tokens(7, 5)}
-    assert time.perf_counter() - start >= steps * stub.seconds  # every step waited
-    assert engine.timings.forward >= steps * stub.seconds
+    assert stub.calls == 5  # one prefill and four decode steps, none wasted
+    assert time.perf_counter() - start >= stub.calls * stub.seconds  # every forward waited
+    assert engine.timings.forward >= stub.calls * stub.seconds
     assert engine.blocks.num_used_pages == 0
     engine.shutdown()
 

@@ -66,6 +66,7 @@ class AsyncLLM:
         constraint: Constraint | None = None,
         coalesce: bool = False,
         media: Sequence[MediaSpan] = (),
+        stream_interval: int = 1,
     ) -> AsyncIterator[SequenceDelta]:
         """Streams the request's deltas until all ``params.n`` completions finish. Validation
         errors are raised here, before the first delta. ``session_id``: the client session for
@@ -75,7 +76,8 @@ class AsyncLLM:
         consumer that keeps up still gets one delta per token). ``constraint``: guided decoding
         (see ``LLMEngine.add_request``); a request the engine fails raises
         :class:`RequestFailedError` after its last delta. ``media``: the prompt's images / video
-        chunks (see ``LLMEngine.add_request``)."""
+        chunks (see ``LLMEngine.add_request``). ``stream_interval``: hold a completion's deltas
+        until they carry this many tokens (its final delta is never held)."""
         if self.errored is not None:
             raise EngineDeadError(f"engine loop failed: {self.errored!r}")
         loop = asyncio.get_running_loop()
@@ -89,6 +91,7 @@ class AsyncLLM:
             )
         )
         remaining = params.n
+        held: dict[int, SequenceDelta] = {}  # per completion, under stream_interval tokens
         try:
             await accepted
             ready: list = []  # drained from the queue, in delivery order
@@ -106,6 +109,12 @@ class AsyncLLM:
                     remaining -= 1
                 if item.error is not None:
                     raise RequestFailedError(item.error)
+                if stream_interval > 1:
+                    if item.index in held:
+                        item = _merge(held.pop(item.index), item)
+                    if not item.finished and len(item.token_ids) < stream_interval:
+                        held[item.index] = item
+                        continue
                 yield item
         finally:
             if remaining:

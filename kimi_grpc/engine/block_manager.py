@@ -314,6 +314,14 @@ class BlockManager:
                 self._unregister(page)
             self._alias.pop(page, None)
 
+    def discard_entries(self, pages: list[int]) -> None:
+        """The content of ``pages`` is not what was registered (the step that was to compute it
+        failed): their cache entries go, so nothing hits them (their holders are being aborted)."""
+        for page in pages:
+            if self._entry[page] is not None:
+                self._unregister(page)
+            self._alias.pop(page, None)
+
     def reset_prefix_cache(self) -> None:
         """Drop the cache entries of all unreferenced pages (referenced ones keep theirs)."""
         for page in [p for p in self._cache.values() if self._ref[p] == 0]:

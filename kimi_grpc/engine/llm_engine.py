@@ -7,28 +7,29 @@ field); after that, every sequence ends with ``stop``, ``length`` or ``abort``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from kimi_grpc.config import EngineConfig
-from kimi_grpc.engine.block_manager import BlockManager, TierStats
+from kimi_grpc.engine.block_manager import BlockManager, TierStats, Transfers
 from kimi_grpc.engine.host_cache import HostPageIndex
 from kimi_grpc.engine.media_encoder import MediaEncoder, cache_keys
 from kimi_grpc.engine.model_runner import ModelRunner
-from kimi_grpc.engine.sampler import Sampler, SamplingState, make_generator
+from kimi_grpc.engine.sampler import Sampler, SampleResult, SamplingState, make_generator
 from kimi_grpc.engine.scheduler import Scheduler
 from kimi_grpc.engine.sequence import FinishReason, Sequence, SequenceStatus
 from kimi_grpc.engine.stop_checker import StopChecker
-from kimi_grpc.guided import Constraint, Guide, GuidedStats, GuideError, MaskFiller, StepMasks
+from kimi_grpc.guided import Constraint, Guide, GuidedStats, GuideError, MaskFiller
 from kimi_grpc.guided.llguidance_backend import LLGuidanceBackend
 from kimi_grpc.media.request import MediaSpan
+from kimi_grpc.model.forward_batch import ForwardBatch
 from kimi_grpc.model.vision import KimiVisionModel
 from kimi_grpc.parallel.executor import RankExecutor
 from kimi_grpc.parallel.leader import Leader
@@ -68,25 +69,49 @@ class SequenceDelta:
 
 @dataclass
 class StepTimings:
-    """Wall-clock seconds spent per phase over all steps (for overhead accounting)."""
+    """Wall-clock seconds per phase over all steps. Host side (the engine thread): schedule,
+    prepare, process, and — overlapped — ``wait`` for the device thread. Device side: forward,
+    mask_wait, sample (on the engine thread when synchronous, so inside neither host phase)."""
 
     steps: int = 0
     schedule: float = 0.0
     prepare: float = 0.0  # building the ForwardBatch on the host
+    process: float = 0.0  # the finished step's outputs: detokenise, stop checks, deltas
+    wait: float = 0.0  # overlapped: the host waiting for the device thread's step
     forward: float = 0.0  # the model
     mask_wait: float = 0.0  # waiting after the forward for guided-decoding masks
-    sample: float = 0.0  # sampling, detokenization, stop checks, bookkeeping
+    sample: float = 0.0  # the sampler
 
     def add(self, **seconds: float) -> None:
+        """One host step's phases."""
         self.steps += 1
+        self.add_device(**seconds)
+
+    def add_device(self, **seconds: float) -> None:
         for name, value in seconds.items():
             setattr(self, name, getattr(self, name) + value)
 
-    @property
-    def overhead_fraction(self) -> float:
-        """Host-side share of step time: everything but the model forward."""
-        host = self.schedule + self.prepare + self.mask_wait + self.sample
-        return host / max(host + self.forward, 1e-12)
+
+@dataclass(eq=False)
+class _Step:
+    """A launched step, until its outputs are processed."""
+
+    scheduled: list[tuple[Sequence, int]]
+    batch: ForwardBatch
+    transfers: Transfers
+    previous: _Step | None  # the step whose samples fill this one's placeholders (then None)
+    fills: list[tuple[int, int]] = field(default_factory=list)  # (batch row, previous's sample)
+    sampling: list[Sequence] = field(default_factory=list)  # the sequences that sample, in order
+    sample_rows: list[int] = field(default_factory=list)  # their batch rows
+    sample_index: dict[int, int] = field(default_factory=dict)  # seq_id -> index in sampling
+    # Set when the sampling states are current (every earlier step's outputs processed): the
+    # pending guided-decoding masks, or None.
+    ready: Future = field(default_factory=Future)
+    result: Future | None = None  # the device thread's run of it (None: run on the caller)
+    token_ids: list[int] = field(default_factory=list)  # sampled (set by the device side)
+    failed: frozenset[int] = frozenset()  # indices in ``sampling`` whose grammar allowed nothing
+    committed: list[int] = field(default_factory=list)  # pages registered at its launch
+    error: BaseException | None = None  # the device side raised
 
 
 @dataclass(frozen=True)
@@ -179,9 +204,19 @@ class LLMEngine:
         self._session_pages: OrderedDict[str, list[bytes]] = OrderedDict()
         self._seq_ids = itertools.count()
         self.timings = StepTimings()
+        # Overlapped scheduling: forwards and sampling run on this thread, one step behind the
+        # host (see ``step``); ``_in_flight`` is the step launched but not yet processed.
+        self._device_thread: ThreadPoolExecutor | None = None
+        if config.overlap_scheduling:
+            self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="kimi-device")
+        self._in_flight: _Step | None = None
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel workers (a no-op for a single process)."""
+        """Stops the device thread and the tensor-parallel workers (after the step in flight)."""
+        if self._device_thread is not None:
+            if self._in_flight is not None and not self._in_flight.ready.done():
+                self._in_flight.ready.set_result(None)
+            self._device_thread.shutdown(wait=True)
         self.mask_filler.shutdown()
         if self.leader is not None:
             self.leader.shutdown()
@@ -364,76 +399,168 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
+        """Schedules and launches a step; returns the outputs of the step that finished.
+
+        Synchronous (``overlap_scheduling=False``): the step launched is the one that finishes.
+        Overlapped: the forward and sampling run on the device thread, one step behind the
+        host — this call schedules and prepares step N+1 while step N's forward runs, then
+        processes step N's outputs (detokenise, stop checks, deltas) while N+1's runs. The
+        sampled tokens of N are the one dependency: N+1 is built with placeholders that the
+        device thread fills from N's samples before N+1's forward (vLLM's async scheduling);
+        N+1 samples only once N's outputs are processed, so penalties, min_tokens and grammars
+        see every earlier token. What changes is when the scheduler learns of a stop (one step
+        later: a sequence that stopped at N computed one discarded token in N+1), never a
+        greedy or seeded token."""
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
-        if not out.scheduled:
-            return []
         t1 = time.perf_counter()
-        batch = self.runner.prepare(out.scheduled)
+        launched = self._launch(out.scheduled) if out.scheduled else None
+        t2 = time.perf_counter()
+        if self._device_thread is None:
+            done = launched
+        else:
+            done, self._in_flight = self._in_flight, launched
+        try:
+            deltas = self._complete(done) if done is not None else []
+        except BaseException:  # the launched step cannot run on a failed one's samples
+            if launched is not None and launched is not done:
+                self._in_flight = None
+                self._abandon(launched)
+            raise
+        # The launched step samples once the states it reads are current (now).
+        if launched is not None and not launched.ready.done():
+            self._make_ready(launched)
+        if done is not None or launched is not None:
+            t3 = time.perf_counter()
+            self.timings.add(schedule=t1 - t0, prepare=t2 - t1, process=t3 - t2)
+        return deltas
+
+    def _launch(self, scheduled: list[tuple[Sequence, int]]) -> _Step:
+        """Builds the batch for ``scheduled``, advances the sequences' counts and starts it (on the
+        device thread when overlapped)."""
+        previous = self._in_flight
+        batch = self.runner.prepare(scheduled)
         # Host tier: the pages this schedule evicted and promoted move with the batch (every
         # rank makes the copies before its forward).
         transfers = self.blocks.drain_transfers()
         batch.kv_saves, batch.kv_loads = transfers.saves, transfers.loads
-        # Rows that sample this step (their prompt and output are all computed after it); their
-        # guided-decoding masks are filled on another thread while the forward runs.
-        rows = [
-            r for r, (s, n) in enumerate(out.scheduled) if s.num_computed_tokens + n == s.num_tokens
-        ]
-        try:
-            pending = self.mask_filler.start(
-                [
-                    (i, seq.sampling.guide, seq.sampling.stop_token_ids)
-                    for i, seq in enumerate(out.scheduled[r][0] for r in rows)
-                    if seq.sampling.guide is not None
-                ]
-            )
-            t2 = time.perf_counter()
-            logits = self.runner.forward(batch)
-        except BaseException:  # the moves may not have been made: their entries must not serve
-            if transfers:
-                self.blocks.transfers_failed(transfers)
-            raise
-        if transfers:
-            self.blocks.transfers_done(transfers)
-        t3 = time.perf_counter()
-        masks = pending.result() if pending is not None else None
-        t4 = time.perf_counter()
-        try:
-            return self._sample_and_advance(out.scheduled, rows, logits, masks)
-        finally:
-            self.timings.add(
-                schedule=t1 - t0,
-                prepare=t2 - t1,
-                forward=t3 - t2,
-                mask_wait=t4 - t3,
-                sample=time.perf_counter() - t4,
-            )
-
-    def _sample_and_advance(
-        self,
-        scheduled: list[tuple[Sequence, int]],
-        rows: list[int],
-        logits: torch.Tensor,
-        masks: StepMasks | None,
-    ) -> list[SequenceDelta]:
-        page = self.blocks.page_size
-        for seq, n in scheduled:
+        step = _Step(scheduled, batch, transfers, previous)
+        for b, (seq, n) in enumerate(scheduled):
+            if seq.num_computed_tokens + n > seq.num_tokens:  # input sampled by the previous step
+                step.fills.append((b, previous.sample_index[seq.seq_id]))
+            if seq.num_computed_tokens + n == seq.num_tokens_incl_pending:  # it samples
+                step.sample_index[seq.seq_id] = len(step.sampling)
+                step.sample_rows.append(b)
+                step.sampling.append(seq)
+                seq.num_pending_tokens += 1
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens // page > len(seq.table.hashes):
-                self.blocks.commit(seq.table, seq.cache_token_ids(), seq.num_computed_tokens)
-        if not rows:
+            # Pages filled by this step are registered now: any step that could hit them runs
+            # after this one on the device (and if this one fails, they are discarded).
+            step.committed += self._commit(seq)
+        if previous is None:
+            self._make_ready(step)
+        if self._device_thread is not None:
+            step.result = self._device_thread.submit(self._execute, step)
+        return step
+
+    def _commit(self, seq: Sequence) -> list[int]:
+        """Registers the sequence's newly full pages whose token ids are all known; returns them."""
+        known = seq.num_known_computed_tokens
+        start = len(seq.table.hashes)
+        if known // self.blocks.page_size <= start:
             return []
-        ready = [scheduled[r][0] for r in rows]
-        # logits[rows] is a fresh copy (advanced indexing): the masks may overwrite it.
-        results = self.sampler.sample(
-            logits[rows], [seq.sampling for seq in ready], masks, owned=True
-        )
-        failed = frozenset(masks.empty) if masks is not None else frozenset()
+        self.blocks.commit(seq.table, seq.cache_token_ids(), known)
+        return seq.table.pages[start : len(seq.table.hashes)]
+
+    def _abandon(self, step: _Step) -> None:
+        """A launched step whose predecessor failed: let it end (it does not run a forward on a
+        failed step's samples), then undo what it promised."""
+        if not step.ready.done():
+            step.ready.set_result(None)
+        with contextlib.suppress(BaseException):  # its own failure adds nothing to the first
+            step.result.result()
+        self._step_failed(step)
+
+    def _step_failed(self, step: _Step) -> None:
+        """``step`` raised (or was abandoned): its moves and the pages it registered at launch may
+        hold nothing, so none of them may serve a hit. Its sequences are left to the caller to
+        abort (LLM.generate does; the server's engine loop stops)."""
+        if step.transfers:
+            self.blocks.transfers_failed(step.transfers)
+        self.blocks.discard_entries(step.committed)
+        for seq in step.sampling:
+            seq.num_pending_tokens -= 1
+
+    def _make_ready(self, step: _Step) -> None:
+        """The sampling states ``step`` reads are current: start its guided-decoding masks (filled
+        on another thread while the forward runs) and let it sample."""
+        guided = [
+            (i, seq.sampling.guide, seq.sampling.stop_token_ids)
+            for i, seq in enumerate(step.sampling)
+            if seq.sampling.guide is not None and not seq.is_finished
+        ]
+        step.ready.set_result(self.mask_filler.start(guided) if guided else None)
+
+    def _execute(self, step: _Step) -> list[SampleResult]:
+        """The device side of a step: fill the placeholders, forward, wait for the states to be
+        current, sample. (On the device thread when overlapped.)"""
+        t0 = time.perf_counter()
+        if step.previous is not None and step.previous.error is not None:
+            step.error = RuntimeError("not run: the step before it failed")
+            raise step.error
+        try:
+            return self._run_device_side(step, t0)
+        except BaseException as exc:
+            step.error = exc
+            raise
+
+    def _run_device_side(self, step: _Step, t0: float) -> list[SampleResult]:
+        if step.fills:
+            samples = step.previous.token_ids
+            step.batch.fill_last_tokens(
+                [b for b, _ in step.fills], [samples[i] for _, i in step.fills]
+            )
+        step.previous = None  # no chain of finished steps kept alive
+        logits = self.runner.forward(step.batch)
+        t1 = time.perf_counter()
+        pending = step.ready.result()
+        masks = pending.result() if pending is not None else None
+        t2 = time.perf_counter()
+        results: list[SampleResult] = []
+        if step.sampling:
+            # logits[rows] is a fresh copy (advanced indexing): the masks may overwrite it.
+            states = [seq.sampling for seq in step.sampling]
+            results = self.sampler.sample(logits[step.sample_rows], states, masks, owned=True)
+        step.failed = frozenset(masks.empty) if masks is not None else frozenset()
+        step.token_ids = [r.token_id for r in results]
+        self.timings.add_device(forward=t1 - t0, mask_wait=t2 - t1, sample=time.perf_counter() - t2)
+        return results
+
+    def _complete(self, step: _Step) -> list[SequenceDelta]:
+        """Waits for ``step`` and turns its samples into deltas (detokenise, stops, finishes)."""
+        try:
+            if step.result is None:
+                results = self._execute(step)
+            else:
+                t0 = time.perf_counter()
+                results = step.result.result()
+                self.timings.wait += time.perf_counter() - t0
+        except BaseException:
+            self._step_failed(step)
+            raise
+        if step.transfers:
+            self.blocks.transfers_done(step.transfers)
+        # Pages whose last token was a placeholder at launch are complete now (before a finish
+        # below frees the sequence).
+        for seq, _ in step.scheduled:
+            if seq.status is SequenceStatus.RUNNING:
+                self._commit(seq)
         deltas = []
-        for i, (seq, result) in enumerate(zip(ready, results, strict=True)):
-            if seq.is_finished:  # failed with another completion of its request
+        for i, (seq, result) in enumerate(zip(step.sampling, results, strict=True)):
+            seq.num_pending_tokens -= 1
+            if seq.is_finished:  # aborted, or stopped at the step before (a discarded token)
                 continue
-            if i in failed:
+            if i in step.failed:
                 deltas += self._fail(seq, "guided decoding: the grammar allows no next token")
             else:
                 deltas += self._advance(seq, result)
@@ -481,7 +608,7 @@ class LLMEngine:
             if seq.stop_reason is None or isinstance(seq.stop_reason, int):
                 text += seq.stop_checker.push(seq.detokenizer.flush()).text
                 text += seq.stop_checker.flush()
-            if seq.session_id is not None and self.blocks.host is not None:
+            if seq.session_id is not None and self.blocks.host is not None and seq.table:
                 self._remember_session(seq)
             self.scheduler.finish(seq, reason)
             self._forget_if_done(seq.request_id)

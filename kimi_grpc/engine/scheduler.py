@@ -96,7 +96,9 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this step
-            left = seq.num_tokens - seq.num_computed_tokens
+            if seq.num_pending_tokens and seq.ends_with_pending():
+                continue  # its last token is being sampled in flight: nothing left to compute
+            left = seq.num_tokens_incl_pending - seq.num_computed_tokens
             n = self._chunk(left, budget, chunk)
             long_prefill = left > chunk  # it does not end in this step
             if long_prefill:
@@ -128,6 +130,7 @@ class Scheduler:
                 load = _SessionLoad(self.running)
             i = self._next_admission(load)
             seq = self.waiting[i]
+            assert seq.num_pending_tokens == 0, "a preempted sequence's token is still in flight"
             tokens = seq.cache_token_ids()
             table = self.blocks.allocate(tokens, len(tokens))
             if table is None:
@@ -149,10 +152,10 @@ class Scheduler:
     def _service_order(self) -> list[Sequence]:
         """Running sequences in the order the budget serves them: decodes (exactly one token to
         compute) first, then (chunked) prefills, each group in admission order (oldest first)."""
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        if len(decodes) == len(self.running):
-            return decodes  # the steady state: no prefill running
-        return decodes + [s for s in self.running if s.num_tokens - s.num_computed_tokens != 1]
+        decodes, rest = [], []
+        for s in self.running:
+            (decodes if s.num_tokens_incl_pending - s.num_computed_tokens == 1 else rest).append(s)
+        return decodes + rest
 
     def _prefill_limits(self) -> tuple[int, int]:
         """(the most tokens one sequence may compute this step, the most that the long prefills,
@@ -219,8 +222,9 @@ class Scheduler:
         return best
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the pages, keep the tokens."""
-        self.blocks.free(seq.table, seq.cache_token_ids(), seq.num_computed_tokens)
+        """Recompute preemption: drop the pages, keep the tokens (a token sampled in flight is
+        appended when its step finishes, before the sequence can be admitted again)."""
+        self.blocks.free(seq.table, seq.cache_token_ids(), seq.num_known_computed_tokens)
         seq.table = None
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -236,7 +240,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         if seq.table is not None:
-            self.blocks.free(seq.table, seq.cache_token_ids(), seq.num_computed_tokens)
+            self.blocks.free(seq.table, seq.cache_token_ids(), seq.num_known_computed_tokens)
             seq.table = None
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -51,7 +51,13 @@ class Sequence:
     session_id: str | None = None  # the client session (agent run) this request belongs to
     status: SequenceStatus = SequenceStatus.WAITING
     table: PageTable | None = None
-    num_computed_tokens: int = 0  # tokens whose latents are in the cache
+    # Tokens whose latents are in the cache, or will be once the steps in flight finish (the
+    # count advances when a step is launched).
+    num_computed_tokens: int = 0
+    # Tokens sampled by steps still in flight (overlapped scheduling): not in output_token_ids
+    # yet, but the scheduler already plans the step that computes them (their ids are filled in
+    # just before that step's forward). 0 between steps of a synchronous engine.
+    num_pending_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first admission (-1: not admitted yet)
     first_scheduled: float = -1.0  # time.monotonic() at first admission (-1: not yet)
     num_preemptions: int = 0
@@ -77,6 +83,22 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.sampling.output_token_ids)
+
+    @property
+    def num_tokens_incl_pending(self) -> int:
+        """What the scheduler plans for: ``num_tokens`` plus the tokens sampled in flight."""
+        return self.num_tokens + self.num_pending_tokens
+
+    @property
+    def num_known_computed_tokens(self) -> int:
+        """Computed tokens whose ids are known (a step in flight may compute a pending one): what
+        the prefix cache may hash and register."""
+        return min(self.num_computed_tokens, self.num_tokens)
+
+    def ends_with_pending(self) -> bool:
+        """The tokens sampled in flight reach ``max_tokens`` (capped by the context): the
+        sequence finishes by length when they arrive, so no step should compute them."""
+        return len(self.sampling.output_token_ids) + self.num_pending_tokens >= self.max_tokens
 
     def token_ids(self) -> list[int]:
         """Prompt + output so far (what a re-admitted sequence recomputes)."""

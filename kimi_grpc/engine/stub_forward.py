@@ -25,9 +25,11 @@ class StubForward:
         if seconds < 0:
             raise ValueError(f"the stub forward's wait must be >= 0 s, got {seconds}")
         self.vocab_size, self.seconds = vocab_size, seconds
+        self.calls = 0  # forwards run
 
     def __call__(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits ``[num_sequences, vocab]``, after waiting ``seconds``."""
+        self.calls += 1
         if self.seconds:
             time.sleep(self.seconds)
         positions = batch.positions[batch.logits_indices]

@@ -12,11 +12,13 @@ sequence's tokens it holds. Every rank builds its own batch from the same host i
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from kimi_grpc.model.context_parallel import local_length, local_slot
+from kimi_grpc.model.context_parallel import local_length
 
 
 @dataclass
@@ -76,46 +78,53 @@ class ForwardBatch:
         if not 0 <= dcp_rank < dcp_size:
             raise ValueError(f"dcp_rank={dcp_rank} outside dcp_size={dcp_size}")
         span = page_size * dcp_size  # tokens per block-table page
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        kv_rows: list[int] = []
-        query_lens: list[int] = []
-        decode_seqs: list[int] = []
-        decode_tokens: list[int] = []
-        last: list[int] = []
-        rows = zip(token_ids, context_lens, block_tables, strict=True)
-        for b, (new, total, pages) in enumerate(rows):
-            n = len(new)
+        # Host work is O(B) list appends; the per-token arithmetic is a few tensor ops, so a
+        # 256-sequence decode step costs about what a 1-sequence one does (the host path runs
+        # during the previous step's forward: issue 18).
+        query_lens = [len(new) for new in token_ids]
+        num_seqs = len(query_lens)
+        max_pages = max(len(p) for p in block_tables)
+        flat_table: list[int] = []
+        for b, (n, total, pages) in enumerate(
+            zip(query_lens, context_lens, block_tables, strict=True)
+        ):
             if n == 0 or n > total:
                 raise ValueError(f"sequence {b}: {n} new tokens with context length {total}")
             if len(pages) * span < total:
                 raise ValueError(f"sequence {b}: {len(pages)} pages cannot hold {total} tokens")
-            if n == 1:
-                decode_seqs.append(b)
-                decode_tokens.append(len(ids))
-            for row, pos in enumerate(range(total - n, total), start=len(ids)):
-                positions.append(pos)
-                if pos % dcp_size == dcp_rank:
-                    kv_rows.append(row)
-                    slots.append(local_slot(pos, pages, page_size, dcp_size))
-            ids.extend(new)
-            query_lens.append(n)
-            last.append(len(ids) - 1)
-        max_pages = max(len(p) for p in block_tables)
-        table = torch.zeros(len(block_tables), max_pages, dtype=torch.int32)
-        for b, pages in enumerate(block_tables):
-            table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+            flat_table += pages
+            flat_table += [0] * (max_pages - len(pages))
+        ids = [t for new in token_ids for t in new]
+        num_tokens = len(ids)
+        last = list(itertools.accumulate(query_lens, initial=-1))[1:]  # flat index of each last
+        decode_seqs = [b for b, n in enumerate(query_lens) if n == 1]
+        table = torch.tensor(flat_table, dtype=torch.int32).view(num_seqs, max_pages)
+        lens = torch.tensor(query_lens)
+        totals = torch.tensor(context_lens)
+        if len(decode_seqs) == num_seqs:  # the steady state: one new token per sequence
+            seq_of_token = torch.arange(num_seqs)
+            positions = totals - 1
+        else:
+            seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lens)
+            first = torch.tensor(last) + 1 - lens  # flat index of each sequence's first token
+            offset = torch.arange(num_tokens) - first[seq_of_token]
+            positions = (totals - lens)[seq_of_token] + offset
+        local_pages = table[seq_of_token, positions // span].long()
+        slots = local_pages * page_size + (positions % span) // dcp_size
+        kv_rows = None
+        if dcp_size > 1:  # this rank stores only the positions it owns
+            kv_rows = torch.nonzero(positions % dcp_size == dcp_rank).flatten()
+            slots = slots[kv_rows]
 
         def longs(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
-        if media_rows and not all(0 <= r < len(ids) for r in media_rows):
-            raise ValueError(f"media rows outside the batch's {len(ids)} tokens")
+        if media_rows and not all(0 <= r < num_tokens for r in media_rows):
+            raise ValueError(f"media rows outside the batch's {num_tokens} tokens")
         local_lens = [local_length(total, dcp_rank, dcp_size) for total in context_lens]
         sharded = dcp_size > 1
         return cls(
-            kv_rows=longs(kv_rows) if sharded else None,
+            kv_rows=kv_rows.to(device) if sharded else None,
             local_context_lens=(
                 torch.tensor(local_lens, dtype=torch.int32, device=device) if sharded else None
             ),
@@ -128,19 +137,39 @@ class ForwardBatch:
             kv_saves=list(kv_saves),
             kv_loads=list(kv_loads),
             input_ids=longs(ids),
-            positions=longs(positions),
-            slot_mapping=longs(slots),
+            positions=positions.to(device),
+            slot_mapping=slots.to(device),
             block_tables=table.to(device),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
             query_lens=query_lens,
             context_lens_host=list(context_lens),
             decode_seqs=longs(decode_seqs),
-            decode_tokens=longs(decode_tokens),
+            decode_tokens=longs([last[b] for b in decode_seqs]),
             logits_indices=longs(last),
             new_token_ids=token_ids,
             block_tables_host=block_tables,
             page_size=page_size,
         )
+
+    def to(self, device: torch.device) -> ForwardBatch:
+        """This batch with every tensor on ``device`` (the engine builds batches on the host and
+        the device thread moves them: a copy to a GPU from the engine thread would wait for the
+        forward in flight)."""
+        moved = {
+            f.name: value.to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor) and value.device != device
+        }
+        return dataclasses.replace(self, **moved) if moved else self
+
+    def fill_last_tokens(self, seqs: list[int], token_ids: list[int]) -> None:
+        """Sets the last new token of sequences ``seqs`` to ``token_ids`` (overlapped
+        scheduling: the batch was built while the step sampling them was still running)."""
+        ends = list(itertools.accumulate(self.query_lens))
+        for b, token in zip(seqs, token_ids, strict=True):
+            self.new_token_ids[b][-1] = token
+        rows = torch.tensor([ends[b] - 1 for b in seqs], device=self.input_ids.device)
+        self.input_ids[rows] = torch.tensor(token_ids, dtype=torch.int64, device=rows.device)
 
     def prefill_segments(self) -> list[tuple[int, int, int]]:
         """``(sequence, first flat token, new tokens)`` for every sequence on the prefill path."""

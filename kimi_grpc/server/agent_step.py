@@ -133,9 +133,14 @@ class AgentStep:
     """Validated request state for one step; ``render`` then ``run``."""
 
     def __init__(
-        self, model: LoadedModel, request: pb.AgentStepRequest, metrics: ServerMetrics | None
+        self,
+        model: LoadedModel,
+        request: pb.AgentStepRequest,
+        metrics: ServerMetrics | None,
+        stream_interval: int = 1,
     ) -> None:
         self.model, self.request, self.metrics = model, request, metrics
+        self.stream_interval = stream_interval  # tokens per engine delta (the server's setting)
         mode, self.preserve_thinking, self.template_kwargs = thinking_switches(
             request.mode,
             request.preserve_thinking,
@@ -414,6 +419,7 @@ class AgentStep:
                 session_id=self.request.session_id or None,
                 constraint=constraint,
                 media=chat.spans,
+                stream_interval=self.stream_interval,
             )
             try:
                 async for delta in engine_errors(

@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kimi_grpc.engine.async_llm import AsyncLLM
 from kimi_grpc.engine.llm import load_engine
+from kimi_grpc.engine.stub_forward import use_stub_forward
 from kimi_grpc.http.app import HttpApi, HttpServer
 from kimi_grpc.media import MediaLimits
 from kimi_grpc.media.request import load_chat
@@ -77,6 +78,12 @@ class ServerConfig:
     media_limits: MediaLimits = field(default_factory=MediaLimits)  # per-request media caps
     engine_args: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # TP layout (rank 0 here)
+    # Tokens per streamed delta message (Generate's stream_interval overrides; AgentStep and the
+    # HTTP API use this). 1: every token its own message.
+    stream_interval: int = 1
+    # Benchmarks only (bench/serving_path.py): the model's forward replaced by a wait of this
+    # many seconds (engine/stub_forward.py); the tokens streamed are meaningless. None: off.
+    stub_forward_seconds: float | None = None
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -97,7 +104,11 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.runtime = Runtime(max_queued_requests=config.max_queued_requests)
+        if config.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1, got {config.stream_interval}")
+        self.runtime = Runtime(
+            max_queued_requests=config.max_queued_requests, stream_interval=config.stream_interval
+        )
         self.health = health.aio.HealthServicer()
         keys = ApiKeys(load_api_keys(config.api_key_file)) if config.api_key_file else None
         interceptors = [BearerAuthInterceptor(keys)] if keys is not None else []
@@ -162,6 +173,11 @@ class Server:
             load_engine, cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype,
             parallel=cfg.parallel, **cfg.engine_args,
         )  # fmt: skip
+        if cfg.stub_forward_seconds is not None:
+            use_stub_forward(engine, cfg.stub_forward_seconds)
+            logger.warning(
+                "benchmark mode: the forward is a %.1f ms stub", 1e3 * cfg.stub_forward_seconds
+            )
         if engine.leader is not None:
             loop = asyncio.get_running_loop()
             engine.leader.on_failure(

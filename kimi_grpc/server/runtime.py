@@ -61,9 +61,10 @@ class LoadedModel:
 
 
 class Runtime:
-    def __init__(self, *, max_queued_requests: int) -> None:
+    def __init__(self, *, max_queued_requests: int, stream_interval: int = 1) -> None:
         self.model: LoadedModel | None = None
         self.max_queued_requests = max_queued_requests
+        self.stream_interval = stream_interval  # tokens per delta message unless a call says
         self.started = time.monotonic()
         self.draining = False
         self.inflight_seqs = 0

@@ -128,6 +128,7 @@ class InferenceServicer:
                 session_id=request.session_id or None,
                 constraint=constraint,
                 coalesce=True,
+                stream_interval=request.stream_interval or self.runtime.stream_interval,
             )
             counts = [0] * params.n
             try:
@@ -217,7 +218,7 @@ class InferenceServicer:
         """AgentStep without the gRPC wrapper (the HTTP API calls it too); raises ServiceError.
         ``fit_context``: clamp max_tokens to the room left after the prompt (OpenAI semantics)."""
         model = self.runtime.ready()
-        step = AgentStep(model, request, self.runtime.metrics)
+        step = AgentStep(model, request, self.runtime.metrics, self.runtime.stream_interval)
         check_id("session_id", request.session_id)
         # Admitted first: decoding media takes seconds and memory, so a full server refuses
         # before it, drain waits for it, and an abort or cancel stops the call during it.
