@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,6 +48,7 @@ PROMPT = 16
 
 # ---- overlap: step time ÷ forward time ----------------------------------------------------------
 def run(wait_s: float, batch: int, steps: int, overlap: bool) -> dict:
+    torch.set_num_threads(1)  # as on a GPU node, the "device" work uses no host core
     engine = load_engine(
         dtype="float32",
         max_num_seqs=batch,
@@ -115,16 +117,18 @@ def _loadgen(target: str, streams: int, start_at: float, stop_at: float, tokens:
     print(json.dumps(counts), flush=True)
 
 
-def ceiling(streams: int, seconds: float, warmup: float, procs: int, tokens: int) -> dict:
-    """The demo server with ``--stub-forward-ms 0`` pinned to CPU 0, ``procs`` load generators
-    pinned to CPU 1, ``streams`` concurrent Generate streams in all."""
+def ceiling(
+    streams: int, seconds: float, warmup: float, procs: int, tokens: int, interval: int
+) -> dict:
+    """The demo server with ``--stub-forward-ms 0 --stream-interval interval`` pinned to CPU 0,
+    ``procs`` load generators pinned to CPU 1, ``streams`` concurrent Generate streams in all."""
     from tests.server_harness import start_server
 
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, load_cpus = {cpus[0]}, set(cpus[1:]) or {cpus[0]}
     os.sched_setaffinity(0, server_cpu)  # the server inherits it
     srv = start_server(
-        "--stub-forward-ms", "0", "--dtype", "float32",
+        "--stub-forward-ms", "0", "--dtype", "float32", "--stream-interval", str(interval),
         "--max-num-seqs", str(streams), "--max-queued-requests", str(streams),
         "--kv-cache-memory", str(streams * (PROMPT + tokens + 64) * 4096),
     )  # fmt: skip
@@ -152,6 +156,7 @@ def ceiling(streams: int, seconds: float, warmup: float, procs: int, tokens: int
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     return {
         "streams": streams,
+        "stream_interval": interval,
         "tokens_per_s": got["tokens"] / seconds,
         "messages_per_s": got["messages"] / seconds,
         "server_cpu_us_per_token": 1e6 * cpu / max(got["tokens"], 1),
@@ -169,6 +174,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=8.0, help="ceiling: seconds before it")
     ap.add_argument("--procs", type=int, default=3, help="ceiling: load-generator processes")
     ap.add_argument("--tokens", type=int, default=256, help="ceiling: tokens per request")
+    ap.add_argument(
+        "--intervals", type=int, nargs="+", default=[1, 8], help="ceiling: --stream-interval"
+    )
     ap.add_argument("--skip-overlap", action="store_true")
     ap.add_argument("--skip-ceiling", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -189,7 +197,8 @@ def main() -> None:
     ceilings = []
     if not args.skip_ceiling:
         ceilings = [
-            ceiling(n, args.seconds, args.warmup, args.procs, args.tokens)
+            ceiling(n, args.seconds, args.warmup, args.procs, args.tokens, interval)
+            for interval in args.intervals
             for n in args.ceiling_streams
         ]
     if args.json:
@@ -209,10 +218,14 @@ def main() -> None:
             )
     if ceilings:
         print(f"\nserving ceiling: zero-wait stub, {args.procs} load generators on the other CPU")
-        print(f"{'streams':>8}{'tokens/s':>10}{'msgs/s':>9}{'server us/token':>17}{'cpu':>6}")
+        print(
+            f"{'interval':>8}{'streams':>8}{'tokens/s':>10}{'msgs/s':>9}{'server us/token':>17}"
+            f"{'cpu':>6}"
+        )
         for c in ceilings:
             print(
-                f"{c['streams']:>8}{c['tokens_per_s']:>10.0f}{c['messages_per_s']:>9.0f}"
+                f"{c['stream_interval']:>8}{c['streams']:>8}{c['tokens_per_s']:>10.0f}"
+                f"{c['messages_per_s']:>9.0f}"
                 f"{c['server_cpu_us_per_token']:>17.1f}{c['server_cpu_share']:>6.2f}"
             )
 

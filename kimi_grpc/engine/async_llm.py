@@ -15,7 +15,7 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kimi_grpc.engine.llm_engine import EngineStats, LLMEngine, SequenceDelta
 from kimi_grpc.guided import Constraint
@@ -38,6 +38,20 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     remaining: int  # completions not finished yet (engine thread's count)
+    interval: int = 1  # tokens per delivered delta (the last one of a completion may be fewer)
+    # Per completion, the deltas not delivered yet (under ``interval`` tokens; engine thread).
+    held: dict[int, SequenceDelta] = field(default_factory=dict)
+
+    def hold(self, delta: SequenceDelta) -> SequenceDelta | None:
+        """The delta to deliver now, or None while the completion's undelivered tokens stay
+        under ``interval`` (a final or failed delta is never held)."""
+        held = self.held.pop(delta.index, None)
+        if held is not None:
+            delta = _absorb(held, delta)
+        if delta.finished or delta.error is not None or len(delta.token_ids) >= self.interval:
+            return delta
+        self.held[delta.index] = delta
+        return None
 
     def put(self, item: object) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -82,7 +96,7 @@ class AsyncLLM:
             raise EngineDeadError(f"engine loop failed: {self.errored!r}")
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(loop, asyncio.Queue(), params.n)
+        stream = _Stream(loop, asyncio.Queue(), params.n, max(1, stream_interval))
         accepted = loop.create_future()
         self._commands.put(
             (
@@ -91,7 +105,6 @@ class AsyncLLM:
             )
         )
         remaining = params.n
-        held: dict[int, SequenceDelta] = {}  # per completion, under stream_interval tokens
         try:
             await accepted
             ready: list = []  # drained from the queue, in delivery order
@@ -109,12 +122,6 @@ class AsyncLLM:
                     remaining -= 1
                 if item.error is not None:
                     raise RequestFailedError(item.error)
-                if stream_interval > 1:
-                    if item.index in held:
-                        item = _merge(held.pop(item.index), item)
-                    if not item.finished and len(item.token_ids) < stream_interval:
-                        held[item.index] = item
-                        continue
                 yield item
         finally:
             if remaining:
@@ -199,6 +206,8 @@ class AsyncLLM:
             stream = self._streams.get(delta.request_id)
             if stream is None:
                 continue
+            if stream.interval > 1 and (delta := stream.hold(delta)) is None:
+                continue  # held: fewer wake-ups of the consumer, not just fewer messages
             batches.setdefault(stream.loop, []).append((stream.queue, delta))
             if delta.finished:
                 stream.remaining -= 1
@@ -234,6 +243,18 @@ def _merge(first: SequenceDelta, second: SequenceDelta) -> SequenceDelta:
         queue_time=first.queue_time if first.queue_time is not None else second.queue_time,
         error=first.error or second.error,
     )
+
+
+def _absorb(held: SequenceDelta, later: SequenceDelta) -> SequenceDelta:
+    """``held`` extended in place by the next delta of the same completion (engine thread; the
+    held delta is this stream's alone)."""
+    held.token_ids += later.token_ids
+    held.text += later.text
+    held.logprobs += later.logprobs
+    held.finished, held.finish_reason = later.finished, later.finish_reason
+    held.stop_reason, held.error = later.stop_reason, later.error
+    held.num_cached_tokens = later.num_cached_tokens
+    return held
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:

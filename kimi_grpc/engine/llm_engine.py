@@ -431,8 +431,7 @@ class LLMEngine:
         if launched is not None and not launched.ready.done():
             self._make_ready(launched)
         if done is not None or launched is not None:
-            t3 = time.perf_counter()
-            self.timings.add(schedule=t1 - t0, prepare=t2 - t1, process=t3 - t2)
+            self.timings.add(schedule=t1 - t0, prepare=t2 - t1)
         return deltas
 
     def _launch(self, scheduled: list[tuple[Sequence, int]]) -> _Step:
@@ -528,9 +527,13 @@ class LLMEngine:
         t2 = time.perf_counter()
         results: list[SampleResult] = []
         if step.sampling:
-            # logits[rows] is a fresh copy (advanced indexing): the masks may overwrite it.
+            # logits[rows] is a fresh copy (advanced indexing) that masks may overwrite; when every
+            # row samples, the forward's own logits (an inference tensor) go in unowned.
             states = [seq.sampling for seq in step.sampling]
-            results = self.sampler.sample(logits[step.sample_rows], states, masks, owned=True)
+            partial = len(step.sample_rows) < logits.shape[0]
+            if partial:
+                logits = logits[step.sample_rows]
+            results = self.sampler.sample(logits, states, masks, owned=partial)
         step.failed = frozenset(masks.empty) if masks is not None else frozenset()
         step.token_ids = [r.token_id for r in results]
         self.timings.add_device(forward=t1 - t0, mask_wait=t2 - t1, sample=time.perf_counter() - t2)
@@ -548,6 +551,7 @@ class LLMEngine:
         except BaseException:
             self._step_failed(step)
             raise
+        start = time.perf_counter()
         if step.transfers:
             self.blocks.transfers_done(step.transfers)
         # Pages whose last token was a placeholder at launch are complete now (before a finish
@@ -564,6 +568,7 @@ class LLMEngine:
                 deltas += self._fail(seq, "guided decoding: the grammar allows no next token")
             else:
                 deltas += self._advance(seq, result)
+        self.timings.process += time.perf_counter() - start
         return deltas
 
     def _fail(self, seq: Sequence, error: str) -> list[SequenceDelta]:

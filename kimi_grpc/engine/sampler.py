@@ -72,6 +72,21 @@ class SamplingState:
         return cls(params, list(prompt_token_ids), [], stops, make_generator(seed, device))
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits or reads them: the next token is the raw
+        argmax (min_tokens still masking stop ids, a bias, penalties, logprobs or a grammar
+        all take the full path)."""
+        p = self.params
+        return (
+            p.temperature < GREEDY_TEMPERATURE
+            and p.logprobs is None
+            and not p.logit_bias
+            and not self.needs_penalties
+            and self.guide is None
+            and (len(self.output_token_ids) >= p.min_tokens or not self.stop_token_ids)
+        )
+
+    @property
     def needs_penalties(self) -> bool:
         p = self.params
         return (
@@ -216,6 +231,8 @@ class Sampler:
         device = logits.device
         if batch == 0:
             return []
+        if masks is None and all(s.plain_greedy for s in states):  # the common decode step
+            return [SampleResult(t, None, None) for t in logits.argmax(dim=-1).tolist()]
         raw = logits.float()
 
         # Raw logprobs before anything alters the logits. lp_rows: [L]; raw_logprobs: [L, V].
