@@ -444,18 +444,21 @@ class LLMEngine:
         transfers = self.blocks.drain_transfers()
         batch.kv_saves, batch.kv_loads = transfers.saves, transfers.loads
         step = _Step(scheduled, batch, transfers, previous)
+        page = self.blocks.page_size
         for b, (seq, n) in enumerate(scheduled):
-            if seq.num_computed_tokens + n > seq.num_tokens:  # input sampled by the previous step
+            known, end = seq.num_tokens, seq.num_computed_tokens + n
+            if end > known:  # its input was sampled by the previous step
                 step.fills.append((b, previous.sample_index[seq.seq_id]))
-            if seq.num_computed_tokens + n == seq.num_tokens_incl_pending:  # it samples
+            if end == known + seq.num_pending_tokens:  # it samples
                 step.sample_index[seq.seq_id] = len(step.sampling)
                 step.sample_rows.append(b)
                 step.sampling.append(seq)
                 seq.num_pending_tokens += 1
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens = end
             # Pages filled by this step are registered now: any step that could hit them runs
             # after this one on the device (and if this one fails, they are discarded).
-            step.committed += self._commit(seq)
+            if min(end, known) // page > len(seq.table.hashes):
+                step.committed += self._commit(seq)
         if previous is None:
             self._make_ready(step)
         if self._device_thread is not None:
@@ -556,8 +559,11 @@ class LLMEngine:
             self.blocks.transfers_done(step.transfers)
         # Pages whose last token was a placeholder at launch are complete now (before a finish
         # below frees the sequence).
+        page = self.blocks.page_size
         for seq, _ in step.scheduled:
-            if seq.status is SequenceStatus.RUNNING:
+            if seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens // page > len(
+                seq.table.hashes
+            ):
                 self._commit(seq)
         deltas = []
         for i, (seq, result) in enumerate(zip(step.sampling, results, strict=True)):
