@@ -9,7 +9,6 @@ iterating (cancellation, client disconnect, ``break``) aborts its request, which
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -227,33 +226,24 @@ def _coalesce(items: list) -> list:
             out += [*merged.values(), item]
             merged.clear()
         elif item.index in merged:
-            merged[item.index] = _merge(merged[item.index], item)
+            merged[item.index] = _absorb(merged[item.index], item)
         else:
             merged[item.index] = item
     return out + list(merged.values())
 
 
-def _merge(first: SequenceDelta, second: SequenceDelta) -> SequenceDelta:
-    """Two consecutive deltas of one completion as one (the later one's end state)."""
-    return dataclasses.replace(
-        second,
-        token_ids=first.token_ids + second.token_ids,
-        text=first.text + second.text,
-        logprobs=first.logprobs + second.logprobs,
-        queue_time=first.queue_time if first.queue_time is not None else second.queue_time,
-        error=first.error or second.error,
-    )
-
-
 def _absorb(held: SequenceDelta, later: SequenceDelta) -> SequenceDelta:
-    """``held`` extended in place by the next delta of the same completion (engine thread; the
-    held delta is this stream's alone)."""
+    """``held`` extended in place by the next delta of the same completion, taking the later
+    one's end state. Safe in place: a delta belongs to one stream and is merged before anyone
+    else reads it (the engine thread's held deltas, a consumer's queued ones)."""
     held.token_ids += later.token_ids
     held.text += later.text
     held.logprobs += later.logprobs
     held.finished, held.finish_reason = later.finished, later.finish_reason
-    held.stop_reason, held.error = later.stop_reason, later.error
+    held.stop_reason, held.error = later.stop_reason, held.error or later.error
     held.num_cached_tokens = later.num_cached_tokens
+    if held.queue_time is None:
+        held.queue_time = later.queue_time
     return held
 
 
